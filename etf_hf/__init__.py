@@ -1,0 +1,19 @@
+"""etf_hf: fix transformer feed-forward layers to simplex equiangular tight frames (arXiv 2412.00884).
+
+Importing the package registers the ETF model types (``etf_gpt2``, ``etf_bert``, ...) with the
+transformers Auto classes, so patched checkpoints load with ``AutoModelFor*.from_pretrained``.
+"""
+from .config import FORMAT_VERSION, ETFConfig
+from .etf import BASES, simplex_etf
+from .layers import ETFLinear
+from .modeling_etf import register_model_type, register_registry_architectures
+from .patch import etf_layers, parameter_summary, patch, print_trainable_parameters
+
+__version__ = "0.1.0"
+
+register_registry_architectures()
+
+__all__ = [
+    "BASES", "ETFConfig", "ETFLinear", "FORMAT_VERSION", "etf_layers", "parameter_summary", "patch",
+    "print_trainable_parameters", "register_model_type", "simplex_etf",
+]

@@ -1,0 +1,133 @@
+"""ETF model and config classes: one subclass per vanilla class, registered with the Auto classes.
+
+A patched model gets its own ``model_type`` (``etf_<type>``) so that vanilla transformers refuses to
+load its checkpoint through the Auto classes instead of silently building random FFNs. The classes are
+generated from the vanilla ones (``ETF`` + name) rather than written out, so every head of a registered
+architecture is covered, and stored in this module's namespace so they pickle by name.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import transformers
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from .architectures import REGISTRY
+from .config import ETFConfig
+
+logger = logging.getLogger("etf_hf")
+
+_CONFIG_CLASSES: dict[type, type] = {}
+_MODEL_CLASSES: dict[type, type] = {}
+
+
+def etf_model_type(model_type: str) -> str:
+    return model_type if model_type.startswith("etf_") else f"etf_{model_type}"
+
+
+def etf_config_class(vanilla: type[PretrainedConfig]) -> type[PretrainedConfig]:
+    """The ``etf_<type>`` config subclass of a vanilla config class, registered with AutoConfig."""
+    if getattr(vanilla, "etf_vanilla_class", None) is not None:
+        return vanilla
+    if vanilla not in _CONFIG_CLASSES:
+        name = f"ETF{vanilla.__name__}"
+        cls = type(name, (vanilla,), {
+            "model_type": etf_model_type(vanilla.model_type),
+            "etf_vanilla_class": vanilla,
+            "__module__": __name__,
+            "__doc__": f"{vanilla.__name__} of a model patched by etf_hf; `config.etf` says how.",
+        })
+        setattr(sys.modules[__name__], name, cls)
+        AutoConfig.register(cls.model_type, cls, exist_ok=True)
+        _CONFIG_CLASSES[vanilla] = cls
+    return _CONFIG_CLASSES[vanilla]
+
+
+class ETFModelMixin:
+    """Behaviour shared by every generated ETF model class.
+
+    Construction applies ``config.etf`` to the freshly built vanilla model, so ``from_config`` and
+    ``from_pretrained`` rebuild the patched structure; loading then restores what transformers cannot:
+    regenerable frames (left as uninitialised memory) and fails loudly on stored frames that are missing.
+    """
+
+    etf_vanilla_class: type[PreTrainedModel]
+
+    def __init__(self, config: PretrainedConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        if not isinstance(getattr(config, "etf", None), dict):
+            raise ValueError(
+                f"{type(self).__name__} needs a config with an `etf` field; to add ETF layers to a "
+                f"{self.etf_vanilla_class.__name__}, load it with transformers and call etf_hf.patch(model, ETFConfig(...))"
+            )
+        from .patch import apply_etf_layers
+
+        apply_etf_layers(self, ETFConfig.from_dict(config.etf))
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        from .patch import etf_layers
+
+        stored = {f"{name}.{key}" for name, layer in etf_layers(model) for key in layer.state_dict()}
+        missing = sorted(stored & set(info.get("missing_keys", ())))
+        if missing:
+            raise OSError(
+                f"the checkpoint lacks ETF weights that cannot be regenerated: {missing[:4]}"
+                f"{' ...' if len(missing) > 4 else ''}; it is incomplete or was not written by etf_hf"
+            )
+        mismatched = info.get("mismatched_keys") or []
+        if any(str(entry[0] if isinstance(entry, (tuple, list)) else entry) in stored for entry in mismatched):
+            raise OSError(f"ETF weights in the checkpoint have the wrong shape: {mismatched[:4]}")
+        for _, layer in etf_layers(model):
+            layer.reset_frame()
+        return (model, info) if want_info else model
+
+
+def etf_model_class(vanilla: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """The ETF subclass of a vanilla model class (``GPT2LMHeadModel`` -> ``ETFGPT2LMHeadModel``)."""
+    if issubclass(vanilla, ETFModelMixin):
+        return vanilla
+    if vanilla not in _MODEL_CLASSES:
+        name = f"ETF{vanilla.__name__}"
+        cls = type(name, (ETFModelMixin, vanilla), {
+            "config_class": etf_config_class(vanilla.config_class),
+            "etf_vanilla_class": vanilla,
+            "__module__": __name__,
+            "__doc__": f"{vanilla.__name__} with fixed simplex-ETF feed-forward projections (etf_hf).",
+        })
+        setattr(sys.modules[__name__], name, cls)
+        _MODEL_CLASSES[vanilla] = cls
+    return _MODEL_CLASSES[vanilla]
+
+
+def _auto_classes() -> list[type]:
+    return [getattr(transformers, name) for name in dir(transformers)
+            if name.startswith("AutoModel") and hasattr(getattr(transformers, name), "_model_mapping")]
+
+
+def register_model_type(model_type: str) -> None:
+    """Register ``etf_<model_type>`` and the ETF class of every Auto head that ``model_type`` has.
+
+    Done on ``import etf_hf`` for the registry's architectures; call it yourself before loading a
+    checkpoint of an architecture patched through the generic fallback (e.g. ``"opt"``).
+    """
+    vanilla_config = AutoConfig.for_model(model_type).__class__
+    config_class = etf_config_class(vanilla_config)
+    for auto_class in _auto_classes():
+        try:
+            vanilla_model = auto_class._model_mapping[vanilla_config]
+        except (KeyError, ValueError):
+            continue
+        if isinstance(vanilla_model, (tuple, list)):
+            continue
+        auto_class.register(config_class, etf_model_class(vanilla_model), exist_ok=True)
+
+
+def register_registry_architectures() -> None:
+    for architecture in REGISTRY:
+        for model_type in architecture.model_types:
+            register_model_type(model_type)
