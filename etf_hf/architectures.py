@@ -80,11 +80,10 @@ class Slot:
     block: int
     role: str
     layout: str
-
-    @property
-    def key(self) -> str:
-        """Identity used to seed the frame: stable across head classes and transformers releases."""
-        return f"{self.role}:{self.attribute}"
+    #: Identity that seeds the frame. Registry slots use (block, role, attribute), not the module path,
+    #: so a checkpoint regenerates the same frames whichever head class or transformers release
+    #: (ViT's module paths moved in 5.2x) builds the model; target_modules slots use their path.
+    seed_key: str
 
 
 def architecture_for(model_type: str) -> Architecture | None:
@@ -125,7 +124,8 @@ def _registry_slots(model: nn.Module, architecture: Architecture) -> list[Slot]:
             if block is None:
                 raise ValueError(f"found FFN module {path!r} outside a numbered block; pass ETFConfig.target_modules")
             slots.append(Slot(f"{path}.{projection.attribute}", module, projection.attribute, block,
-                              projection.role, projection.layout))
+                              projection.role, projection.layout,
+                              f"{block}:{projection.role}:{projection.attribute}"))
     return slots
 
 
@@ -141,7 +141,8 @@ def _fallback_slots(model: nn.Module) -> list[Slot]:
             if block is None:
                 continue
             for role, attr in members:
-                slots.append(Slot(f"{path}.{attr}", module, attr, block, role, _layout(children[attr])))
+                slots.append(Slot(f"{path}.{attr}", module, attr, block, role, _layout(children[attr]),
+                                  f"{block}:{role}:{attr}"))
     return slots
 
 
@@ -159,7 +160,8 @@ def _override_slots(model: nn.Module, patterns: list[str]) -> list[Slot]:
         weight_shape = module.weight.shape if layout != "conv1d" else module.weight.t().shape
         role = "up" if weight_shape[0] >= weight_shape[1] else "down"
         block = _block_index(parent_path)
-        slots.append(Slot(path, parent, attribute, -1 if block is None else block, role, layout or "linear"))
+        slots.append(Slot(path, parent, attribute, -1 if block is None else block, role, layout or "linear",
+                          f"path:{path}"))
     if not slots:
         raise ValueError(f"target_modules {patterns} matched no module; module paths look like {_example_paths(model)}")
     return slots

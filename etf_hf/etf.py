@@ -130,12 +130,10 @@ def simplex_etf(
     return frame.to(dtype)
 
 
-def slot_seed(seed: int, block: int, slot: str) -> int:
+def slot_seed(seed: int, slot_key: str) -> int:
     """Seed of one projection's frame, derived from the user's seed and the slot's identity.
 
-    Keyed by (block index, slot role) rather than the module path, so that the same checkpoint
-    regenerates the same frames whichever head class or transformers release (ViT's module paths
-    moved in 5.2x) builds the model. sha256, not hash(), because it must not vary between processes.
+    sha256, not hash(), because it must not vary between processes.
     """
-    digest = hashlib.sha256(f"etf_hf:{seed}:{block}:{slot}".encode()).digest()
+    digest = hashlib.sha256(f"etf_hf:{seed}:{slot_key}".encode()).digest()
     return int.from_bytes(digest[:7], "little")

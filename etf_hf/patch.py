@@ -33,7 +33,7 @@ def apply_etf_layers(model: nn.Module, config: ETFConfig) -> list[Slot]:
         if isinstance(current, ETFLinear):
             continue
         replacement = ETFLinear.from_layer(
-            current, layout=slot.layout, basis=config.basis, seed=slot_seed(config.seed, slot.block, slot.key),
+            current, layout=slot.layout, basis=config.basis, seed=slot_seed(config.seed, slot.seed_key),
             gain=config.gain, trainable_gain=config.trainable_gain,
         )
         setattr(slot.parent, slot.attribute, replacement)

@@ -1,0 +1,58 @@
+"""ETFConfig validation: every bad value is refused at construction with the field named."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from etf_hf import FORMAT_VERSION, ETFConfig
+
+
+def test_defaults_and_json_round_trip() -> None:
+    config = ETFConfig(layers=[3, 1, 3], basis="nearest", gain=0.5)
+    assert config.layers == [1, 3]
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["format_version"] == FORMAT_VERSION
+    assert ETFConfig.from_dict(data) == config
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(layers="most"), "layers"),
+    (dict(layers="last:0"), "layers"),
+    (dict(layers=[]), "layers"),
+    (dict(layers=[-1]), "layers"),
+    (dict(layers=[1.5]), "layers"),
+    (dict(projections="middle"), "projections"),
+    (dict(basis="hadamard"), "basis"),
+    (dict(seed=-1), "seed"),
+    (dict(seed="0"), "seed"),
+    (dict(gain=0), "gain"),
+    (dict(gain="big"), "gain"),
+    (dict(trainable_gain="yes"), "trainable_gain"),
+    (dict(target_modules="mlp"), "target_modules"),
+    (dict(target_modules=["("]), "target_modules"),
+])
+def test_invalid_values_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=f"ETFConfig.{field}|{field}"):
+        ETFConfig(**kwargs)
+
+
+def test_unknown_basis_lists_the_allowed_ones() -> None:
+    with pytest.raises(ValueError, match="canonical, orthogonal, nearest"):
+        ETFConfig(basis="hadamard")
+
+
+def test_from_dict_is_strict() -> None:
+    data = ETFConfig().to_dict()
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['seed'\]"):
+        ETFConfig.from_dict({k: v for k, v in data.items() if k != "seed"})
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['colour'\]"):
+        ETFConfig.from_dict({**data, "colour": "red"})
+    with pytest.raises(ValueError, match="JSON object"):
+        ETFConfig.from_dict(["all"])
+
+
+def test_newer_format_names_both_versions() -> None:
+    data = {**ETFConfig().to_dict(), "format_version": FORMAT_VERSION + 1, "future_field": 1}
+    with pytest.raises(ValueError, match=f"format_version {FORMAT_VERSION + 1}.*up to version {FORMAT_VERSION}"):
+        ETFConfig.from_dict(data)

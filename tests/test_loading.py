@@ -1,0 +1,154 @@
+"""save_pretrained / from_pretrained round trips, and each transformers 5.x loading trap closed by a test."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForImageClassification,
+                          AutoModelForSequenceClassification)
+
+from etf_hf import ETFConfig, etf_layers, patch
+from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_vit, token_batch
+
+CASES = {
+    "gpt2": (tiny_gpt2, AutoModelForCausalLM, lambda: {"input_ids": token_batch()}),
+    "bert": (tiny_bert, AutoModelForSequenceClassification, lambda: {"input_ids": token_batch(120)}),
+    "vit": (tiny_vit, AutoModelForImageClassification, lambda: {"pixel_values": torch.randn(2, 1, 28, 28)}),
+    "llama": (tiny_llama, AutoModelForCausalLM, lambda: {"input_ids": token_batch()}),
+}
+
+
+def outputs(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("basis", ["orthogonal", "canonical", "nearest"])
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_reloaded_model_is_identical(family: str, basis: str, tmp_path: Path) -> None:
+    build, auto_class, make_inputs = CASES[family]
+    model = patch(build(), ETFConfig(basis=basis, layers="last:1" if family == "gpt2" else "all")).eval()
+    inputs = make_inputs()
+    model.save_pretrained(tmp_path)
+    loaded = auto_class.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    assert loaded.config.etf == model.config.etf
+    assert torch.equal(outputs(loaded, inputs), outputs(model, inputs))
+    for (name, layer), (_, original) in zip(etf_layers(loaded), etf_layers(model)):
+        assert torch.equal(layer.frame, original.frame), name
+
+
+def test_regenerated_frames_are_not_left_as_uninitialised_memory(tmp_path: Path) -> None:
+    """Trap: transformers 5.x refills non-persistent buffers with torch.empty_like after loading; the
+    frames must be rebuilt, not left as whatever memory was there."""
+    model = patch(tiny_gpt2())
+    model.save_pretrained(tmp_path)
+    assert not any(key.endswith(".frame") for key in load_file(tmp_path / "model.safetensors"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for (_, layer), (_, original) in zip(etf_layers(loaded), etf_layers(model)):
+        assert torch.equal(layer.frame, original.frame)
+
+
+def test_nothing_fixed_comes_back_trainable(tmp_path: Path) -> None:
+    """Trap: transformers 5.x reloads frozen Parameters with requires_grad=True. Frames and a fixed gain
+    are buffers, so after reloading the only trainable tensors in ETF layers are the intended ones."""
+    model = patch(tiny_bert(), ETFConfig(trainable_gain=False, basis="nearest"))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    for name, layer in etf_layers(loaded):
+        assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"bias"}, name
+        assert torch.equal(layer.frame_norm, dict(etf_layers(model))[name].frame_norm)
+
+
+def test_vit_checkpoint_keys_round_trip(tmp_path: Path) -> None:
+    """Trap: ViT's FFN modules are ViTMLP.fc1/fc2 in memory (5.2x) but transformers rewrites the keys on
+    disk; the ETF gains and biases must survive that renaming."""
+    model = patch(tiny_vit())
+    model.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "model.safetensors").keys()
+    assert sum(key.endswith("frame_norm") for key in keys) == 4
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    gains = {n: layer.frame_norm.item() for n, layer in etf_layers(model)}
+    assert {n: layer.frame_norm.item() for n, layer in etf_layers(loaded)} == gains
+
+
+def test_canonical_frames_are_not_shared_tensors(tmp_path: Path) -> None:
+    """Trap: tensors shared across layers make save_pretrained raise; equal frames must be separate."""
+    model = patch(tiny_gpt2(), ETFConfig(basis="canonical", trainable_gain=False))
+    frames = [layer.frame for _, layer in etf_layers(model)]
+    assert len({f.data_ptr() for f in frames}) == len(frames)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+
+
+def _run_without_etf_hf(code: str) -> subprocess.CompletedProcess:
+    blocker = "import sys; sys.modules['etf_hf'] = None\n"
+    return subprocess.run([sys.executable, "-c", blocker + code], capture_output=True, text=True, timeout=300)
+
+
+def test_vanilla_auto_class_refuses_an_etf_checkpoint(tmp_path: Path) -> None:
+    """Trap: a checkpoint keeping model_type gpt2 would load in vanilla transformers with random MLPs.
+    The etf_gpt2 type makes the Auto classes raise instead."""
+    patch(tiny_gpt2()).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "etf_gpt2"
+    result = _run_without_etf_hf(
+        f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({str(tmp_path)!r})")
+    assert result.returncode != 0
+    assert "etf_gpt2" in result.stderr
+
+
+def test_explicit_vanilla_class_loudly_reports_the_missing_ffn(tmp_path: Path) -> None:
+    """GPT2LMHeadModel.from_pretrained on an ETF checkpoint cannot be exact (the compact checkpoint has no
+    dense FFN weights); transformers must at least report the model-type mismatch and every missing
+    FFN weight. This pins that the report stays loud."""
+    patch(tiny_gpt2()).save_pretrained(tmp_path)
+    result = _run_without_etf_hf(
+        f"from transformers import GPT2LMHeadModel\nGPT2LMHeadModel.from_pretrained({str(tmp_path)!r})")
+    report = result.stdout + result.stderr
+    assert "etf_gpt2" in report
+    assert "mlp.c_fc.weight" in report and "MISSING" in report
+
+
+def test_missing_stored_frame_is_an_error(tmp_path: Path) -> None:
+    """A nearest frame cannot be regenerated: a checkpoint without it must not load half-initialised."""
+    patch(tiny_gpt2(), ETFConfig(basis="nearest")).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = next(key for key in weights if key.endswith("c_fc.frame"))
+    del weights[dropped]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(OSError, match="cannot be regenerated"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda etf: etf.update(basis="hadamard"), "basis='hadamard' is unknown"),
+    (lambda etf: etf.pop("seed"), r"missing field\(s\) \['seed'\]"),
+    (lambda etf: etf.update(layers=[0, 7]), r"block index \[7\] out of range"),
+    (lambda etf: etf.update(format_version=99), "format_version 99"),
+])
+def test_malformed_config_etf_names_the_field(edit, message: str, tmp_path: Path) -> None:
+    patch(tiny_gpt2()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    edit(config["etf"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_etf_class_on_a_vanilla_checkpoint_explains_how_to_patch(tmp_path: Path) -> None:
+    tiny_gpt2().save_pretrained(tmp_path)
+    from etf_hf.modeling_etf import etf_model_class
+    from transformers import GPT2LMHeadModel
+    with pytest.raises(ValueError, match="etf_hf.patch"):
+        etf_model_class(GPT2LMHeadModel).from_pretrained(tmp_path)
+
+
+def test_from_config_builds_the_patched_structure() -> None:
+    model = patch(tiny_bert())
+    rebuilt = AutoModel.from_config(model.config)
+    assert {n.removeprefix("bert.") for n, _ in etf_layers(model)} == {n for n, _ in etf_layers(rebuilt)}

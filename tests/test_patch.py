@@ -1,0 +1,163 @@
+"""The patcher: the registry finds exactly the FFN projections, selection works, bad input is refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM,
+                          T5Config, T5Model, ViTConfig, ViTForImageClassification)
+
+import etf_hf
+from etf_hf import ETFConfig, ETFLinear, etf_layers, parameter_summary, patch
+from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_roberta, tiny_vit, token_batch
+
+FFN_PATHS = {
+    "gpt2": {"transformer.h.{i}.mlp.c_fc", "transformer.h.{i}.mlp.c_proj"},
+    "bert": {"bert.encoder.layer.{i}.intermediate.dense", "bert.encoder.layer.{i}.output.dense"},
+    "roberta": {"roberta.encoder.layer.{i}.intermediate.dense", "roberta.encoder.layer.{i}.output.dense"},
+    "llama": {"model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj", "model.layers.{i}.mlp.down_proj"},
+}
+BUILDERS = {"gpt2": tiny_gpt2, "bert": tiny_bert, "roberta": tiny_roberta, "llama": tiny_llama, "vit": tiny_vit}
+
+
+@pytest.mark.parametrize("model_type", sorted(FFN_PATHS))
+def test_registry_patches_exactly_the_ffn_projections(model_type: str) -> None:
+    model = BUILDERS[model_type]()
+    patch(model)
+    expected = {p.format(i=i) for p in FFN_PATHS[model_type] for i in range(2)}
+    assert {name for name, _ in etf_layers(model)} == expected
+    assert model.config.model_type == f"etf_{model_type}"
+    assert type(model).__name__ == "ETF" + type(model).__mro__[2].__name__
+
+
+def test_attention_projections_sharing_ffn_names_are_untouched() -> None:
+    """GPT-2's attention also has `c_proj`, BERT's attention also has `output.dense`: matching on the
+    parent module's class, not the name, must leave them alone."""
+    gpt2, bert = patch(tiny_gpt2()), patch(tiny_bert())
+    assert type(gpt2.transformer.h[0].attn.c_proj).__name__ == "Conv1D"
+    assert isinstance(bert.bert.encoder.layer[0].attention.output.dense, nn.Linear)
+
+
+def test_vit_ffn_of_the_installed_transformers_release() -> None:
+    model = patch(tiny_vit())
+    names = {name for name, _ in etf_layers(model)}
+    assert len(names) == 4
+    assert all(name.endswith((".mlp.fc1", ".mlp.fc2", ".intermediate.dense", ".output.dense")) for name in names)
+    assert not any(".attention." in name for name in names)
+
+
+def test_patched_model_computes_with_the_frames() -> None:
+    model = tiny_gpt2().eval()
+    x = token_batch()
+    before = model(x).logits
+    patch(model, ETFConfig(basis="orthogonal"))
+    after = model(x).logits
+    assert not torch.allclose(before, after)
+    for _, layer in etf_layers(model):
+        layer.frame_norm.data.zero_()
+        layer.bias.data.zero_()
+    # With every FFN projection's gain and bias at zero the MLPs output exactly zero.
+    mlp_out = model.transformer.h[0].mlp(torch.randn(1, 3, 32))
+    assert torch.equal(mlp_out, torch.zeros_like(mlp_out))
+
+
+@pytest.mark.parametrize("projections,roles", [("up", {"c_fc"}), ("down", {"c_proj"}), ("both", {"c_fc", "c_proj"})])
+def test_projection_selection(projections: str, roles: set[str]) -> None:
+    model = patch(tiny_gpt2(), ETFConfig(projections=projections))
+    assert {name.rsplit(".", 1)[1] for name, _ in etf_layers(model)} == roles
+
+
+@pytest.mark.parametrize("layers,blocks", [("all", {0, 1, 2, 3}), ("last:2", {2, 3}), ([0, 2], {0, 2})])
+def test_layer_selection_and_recorded_config(layers, blocks: set[int]) -> None:
+    model = patch(tiny_gpt2(layers=4), ETFConfig(layers=layers))
+    assert {int(name.split(".")[2]) for name, _ in etf_layers(model)} == blocks
+    assert model.config.etf["layers"] == sorted(blocks)
+
+
+@pytest.mark.parametrize("layers,message", [
+    ([4], r"block index \[4\] out of range for a model with 4 blocks \(valid: 0..3"),
+    ("last:5", "has only 4 blocks"),
+])
+def test_out_of_range_layers_are_refused(layers, message: str) -> None:
+    model = tiny_gpt2(layers=4)
+    with pytest.raises(ValueError, match=message):
+        patch(model, ETFConfig(layers=layers))
+    assert not etf_layers(model) and model.config.model_type == "gpt2"
+
+
+def test_unsupported_architecture_says_what_was_looked_for() -> None:
+    t5 = T5Model(T5Config(num_layers=1, d_model=16, d_ff=32, num_heads=2, d_kv=8, vocab_size=50))
+    with pytest.raises(ValueError, match="no feed-forward projections found in T5Model.*target_modules"):
+        patch(t5)
+    assert not etf_layers(t5)
+
+
+def test_target_modules_override_patches_an_unknown_architecture() -> None:
+    def build() -> T5Model:
+        return T5Model(T5Config(num_layers=2, d_model=16, d_ff=32, num_heads=2, d_kv=8, vocab_size=50))
+
+    t5 = patch(build(), ETFConfig(target_modules=[r"encoder\.block\.\d+\.layer\.1\.DenseReluDense\.w[io]"]))
+    assert len(etf_layers(t5)) == 4
+    with pytest.raises(ValueError, match="matched no module"):
+        patch(build(), ETFConfig(target_modules=["nothing"]))
+
+
+def test_generic_fallback_and_registration_of_its_type(tmp_path) -> None:
+    opt = OPTForCausalLM(OPTConfig(num_hidden_layers=2, hidden_size=16, ffn_dim=32, num_attention_heads=2,
+                                   vocab_size=50, max_position_embeddings=32, word_embed_proj_dim=16)).eval()
+    patch(opt)
+    assert {name.rsplit(".", 1)[1] for name, _ in etf_layers(opt)} == {"fc1", "fc2"}
+    etf_hf.register_model_type("opt")
+    opt.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    x = torch.randint(0, 50, (1, 6))
+    assert torch.equal(loaded(x).logits, opt(x).logits)
+
+
+def test_patching_twice_is_idempotent_or_refused() -> None:
+    model = patch(tiny_gpt2(), ETFConfig(seed=1))
+    frames = [layer.frame.clone() for _, layer in etf_layers(model)]
+    assert patch(model, ETFConfig(seed=1)) is model
+    assert all(torch.equal(a, layer.frame) for a, (_, layer) in zip(frames, etf_layers(model)))
+    with pytest.raises(ValueError, match="already patched"):
+        patch(model, ETFConfig(seed=2))
+
+
+def test_non_transformers_model_is_refused() -> None:
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        patch(nn.Sequential(nn.Linear(2, 2)))
+
+
+def _ffn_weight_count(hidden: int, inner: int, layers: int) -> int:
+    return layers * 2 * hidden * inner
+
+
+@pytest.mark.parametrize("build,hidden_inner_layers,percent", [
+    (lambda: GPT2LMHeadModel(GPT2Config()), (768, 3072, 12), 54.5),
+    (lambda: BertModel(BertConfig()), (768, 3072, 12), 48.3),
+    (lambda: ViTForImageClassification(ViTConfig()), (768, 3072, 12), 34.0),
+])
+def test_trainable_share_of_full_size_models(build, hidden_inner_layers, percent: float) -> None:
+    """Counts derived from the shapes: every FFN weight becomes ETF-fixed, everything else stays."""
+    with torch.device("meta"):
+        model = build()
+        before = sum(p.numel() for p in model.parameters())
+        patch(model)
+    summary = parameter_summary(model)
+    ffn = _ffn_weight_count(*hidden_inner_layers)
+    gains = 2 * hidden_inner_layers[2]
+    assert summary["etf_fixed"] == ffn
+    assert summary["trainable"] == before - ffn + gains
+    assert summary["total"] == before + gains
+    assert round(100 * summary["trainable"] / summary["total"], 1) == percent
+
+
+def test_print_trainable_parameters(capsys) -> None:
+    model = patch(tiny_gpt2())
+    etf_hf.print_trainable_parameters(model)
+    summary = parameter_summary(model)
+    line = capsys.readouterr().out
+    assert f"trainable params: {summary['trainable']:,}" in line and f"ETF-fixed: {summary['etf_fixed']:,}" in line
+    assert summary["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert all(not isinstance(m, ETFLinear) or not m.frame.requires_grad for m in model.modules())
