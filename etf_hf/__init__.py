@@ -7,13 +7,14 @@ from .config import FORMAT_VERSION, ETFConfig
 from .etf import BASES, simplex_etf
 from .layers import ETFLinear
 from .modeling_etf import register_model_type, register_registry_architectures
-from .patch import etf_layers, parameter_summary, patch, print_trainable_parameters
+from .injection import etf_layers, parameter_summary
+from .patch import lock_blocks, materialize, patch, print_trainable_parameters
 
 __version__ = "0.1.0"
 
 register_registry_architectures()
 
 __all__ = [
-    "BASES", "ETFConfig", "ETFLinear", "FORMAT_VERSION", "etf_layers", "parameter_summary", "patch",
-    "print_trainable_parameters", "register_model_type", "simplex_etf",
+    "BASES", "ETFConfig", "ETFLinear", "FORMAT_VERSION", "etf_layers", "lock_blocks", "materialize",
+    "parameter_summary", "patch", "print_trainable_parameters", "register_model_type", "simplex_etf",
 ]

@@ -12,6 +12,7 @@ from .etf import BASES
 FORMAT_VERSION = 1
 
 PROJECTIONS = ("up", "down", "both")
+STORAGES = ("compact", "dense")
 _LAST_N = re.compile(r"last:(\d+)")
 
 
@@ -33,6 +34,9 @@ class ETFConfig:
         because transformers 5.x reloads frozen Parameters as trainable).
     target_modules: regular expressions matched (fullmatch) against module paths; when given they
         replace the architecture registry's choice of projections, and ``projections`` is ignored.
+    storage: ``"compact"`` (checkpoints leave out frames that can be regenerated from basis and seed;
+        ``nearest`` frames are always stored) or ``"dense"`` (every frame stored). Also settable per
+        save: ``model.save_pretrained(dir, etf_storage="dense")``.
     """
 
     layers: str | list[int] = "all"
@@ -42,6 +46,7 @@ class ETFConfig:
     gain: str | float = "match"
     trainable_gain: bool = True
     target_modules: list[str] | None = None
+    storage: str = "compact"
     format_version: int = field(default=FORMAT_VERSION)
 
     def __post_init__(self) -> None:
@@ -83,6 +88,8 @@ class ETFConfig:
                 except re.error as error:
                     raise ValueError(f"ETFConfig.target_modules: {pattern!r} is not a valid regex ({error})") from None
             self.target_modules = list(self.target_modules)
+        if self.storage not in STORAGES:
+            raise ValueError(f"ETFConfig.storage={self.storage!r}: choose one of {', '.join(STORAGES)}")
         if self.format_version != FORMAT_VERSION:
             if isinstance(self.format_version, int) and self.format_version > FORMAT_VERSION:
                 raise ValueError(

@@ -7,15 +7,22 @@ architecture is covered, and stored in this module's namespace so they pickle by
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import transformers
+from huggingface_hub import CommitOperationAdd, HfApi
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from .architectures import REGISTRY
 from .config import ETFConfig
+from .hub import auto_map, write_hub_files
+from .injection import apply_etf_layers, etf_layers, frame_is_stored, set_frame_stored
 
 logger = logging.getLogger("etf_hf")
 
@@ -62,16 +69,12 @@ class ETFModelMixin:
                 f"{type(self).__name__} needs a config with an `etf` field; to add ETF layers to a "
                 f"{self.etf_vanilla_class.__name__}, load it with transformers and call etf_hf.patch(model, ETFConfig(...))"
             )
-        from .patch import apply_etf_layers
-
         apply_etf_layers(self, ETFConfig.from_dict(config.etf))
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        from .patch import etf_layers
-
         stored = {f"{name}.{key}" for name, layer in etf_layers(model) for key in layer.state_dict()}
         missing = sorted(stored & set(info.get("missing_keys", ())))
         if missing:
@@ -83,8 +86,50 @@ class ETFModelMixin:
         if any(str(entry[0] if isinstance(entry, (tuple, list)) else entry) in stored for entry in mismatched):
             raise OSError(f"ETF weights in the checkpoint have the wrong shape: {mismatched[:4]}")
         for _, layer in etf_layers(model):
-            layer.reset_frame()
+            if not frame_is_stored(layer):
+                layer.reset_frame()
         return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, etf_storage: str | None = None,
+                        base_model: str | None = None, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained`, plus remote code and a model card.
+
+        etf_storage: ``"compact"`` or ``"dense"`` for this save only (default: ``config.etf["storage"]``).
+        base_model: Hub id written into the model card (default: where the model was loaded from).
+        """
+        etf = ETFConfig.from_dict(self.config.etf)
+        storage = etf.storage if etf_storage is None else ETFConfig(storage=etf_storage).storage
+        layers = [layer for _, layer in etf_layers(self)]
+        stored_before = [frame_is_stored(layer) for layer in layers]
+        self.config.etf = dataclasses.replace(etf, storage=storage).to_dict()
+        self.config.auto_map = auto_map(self)
+        try:
+            for layer in layers:
+                set_frame_stored(layer, storage == "dense" or not layer.regenerable)
+            super().save_pretrained(save_directory, *args, **kwargs)
+            if kwargs.get("is_main_process", True):
+                write_hub_files(self, save_directory, base_model)
+        finally:
+            for layer, stored in zip(layers, stored_before):
+                set_frame_stored(layer, stored)
+            self.config.etf = etf.to_dict()
+            del self.config.auto_map
+
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: str | bool | None = None, revision: str | None = None,
+                    create_pr: bool = False, max_shard_size: int | str | None = "50GB",
+                    etf_storage: str | None = None, base_model: str | None = None, **_: Any):
+        """Upload exactly what `save_pretrained` writes (weights, config, remote code, model card)."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size, etf_storage=etf_storage,
+                                 base_model=base_model)
+            operations = [CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+                          for path in sorted(Path(folder).iterdir()) if path.is_file()]
+            return api.create_commit(repo_id=repo_id, operations=operations, revision=revision,
+                                     create_pr=create_pr, commit_message=commit_message or "Upload ETF model (etf_hf)",
+                                     commit_description=commit_description)
 
 
 def etf_model_class(vanilla: type[PreTrainedModel]) -> type[PreTrainedModel]:

@@ -4,40 +4,28 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from .architectures import Slot, find_slots
 from .config import ETFConfig
-from .etf import slot_seed
+from .injection import apply_etf_layers, parameter_summary
 from .layers import ETFLinear
 from .modeling_etf import etf_config_class, etf_model_class
 
 logger = logging.getLogger("etf_hf")
 
 
-def etf_layers(model: nn.Module) -> list[tuple[str, ETFLinear]]:
-    """(path, layer) for every ETF layer in ``model``."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, ETFLinear)]
+def _set_config_class(config, config_class: type) -> None:
+    """Swap a config's class, and with it its ``model_type``.
 
-
-def apply_etf_layers(model: nn.Module, config: ETFConfig) -> list[Slot]:
-    """Replace the projections ``config`` selects by `ETFLinear`s; projections already ETF are kept.
-
-    This is the structural half of `patch`, shared with the ETF model classes' constructor so that a
-    checkpoint rebuilds exactly the layers that were patched.
+    A config read from config.json also holds ``model_type`` as an instance attribute, which would hide
+    the new class's value in memory (the saved file uses the class's).
     """
-    slots = find_slots(model, config)
-    for slot in slots:
-        current = getattr(slot.parent, slot.attribute)
-        if isinstance(current, ETFLinear):
-            continue
-        replacement = ETFLinear.from_layer(
-            current, layout=slot.layout, basis=config.basis, seed=slot_seed(config.seed, slot.seed_key),
-            gain=config.gain, trainable_gain=config.trainable_gain,
-        )
-        setattr(slot.parent, slot.attribute, replacement)
-    return slots
+    config.__class__ = config_class
+    vars(config).pop("model_type", None)
 
 
 def _resolved(config: ETFConfig, slots: list[Slot]) -> ETFConfig:
@@ -71,7 +59,7 @@ def patch(model: PreTrainedModel, config: ETFConfig | None = None) -> PreTrained
     slots = apply_etf_layers(model, config)
     if not slots:
         raise ValueError(f"ETFConfig {config} selects no projection of {type(model).__name__}")
-    model.config.__class__ = etf_config_class(type(model.config))
+    _set_config_class(model.config, etf_config_class(type(model.config)))
     model.__class__ = etf_model_class(type(model))
     model.config.etf = _resolved(config, slots).to_dict()
     summary = parameter_summary(model)
@@ -81,24 +69,68 @@ def patch(model: PreTrainedModel, config: ETFConfig | None = None) -> PreTrained
     return model
 
 
-def parameter_summary(model: nn.Module) -> dict[str, int]:
-    """Trainable, total and ETF-fixed weight counts.
-
-    ``total`` counts every weight the model computes with, frames included even though checkpoints may
-    not store them, so trainable/total compares directly with the unpatched model's 100 %.
-    """
-    parameters = list(model.parameters())
-    fixed = [buffer for _, layer in etf_layers(model) for buffer in layer.buffers()]
-    etf_fixed = sum(layer.frame.numel() for _, layer in etf_layers(model))
-    return {
-        "trainable": sum(p.numel() for p in parameters if p.requires_grad),
-        "total": sum(p.numel() for p in parameters) + sum(b.numel() for b in fixed),
-        "etf_fixed": etf_fixed,
-    }
-
-
 def print_trainable_parameters(model: nn.Module) -> None:
     """PEFT-style one-liner: ``trainable params: ... || all params: ... || trainable%: ... || ETF-fixed: ...``."""
     s = parameter_summary(model)
     print(f"trainable params: {s['trainable']:,} || all params: {s['total']:,} || "
           f"trainable%: {100 * s['trainable'] / s['total']:.4f} || ETF-fixed: {s['etf_fixed']:,}")
+
+
+def _dense_layer(layer: ETFLinear, layout: str) -> nn.Module:
+    """An ordinary Linear/Conv1D computing exactly what ``layer`` computes (frame times gain, bias)."""
+    weight = layer.weight.detach().clone()
+    has_bias = layer.bias is not None
+    if layout == "conv1d":
+        dense = Conv1D(layer.out_features, layer.in_features)
+        dense.to(device=weight.device, dtype=weight.dtype)
+        dense.weight = nn.Parameter(weight.t().contiguous())
+        dense.bias = nn.Parameter(layer.bias.detach().clone() if has_bias else torch.zeros_like(weight[:, 0]))
+        return dense
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=has_bias, device=weight.device, dtype=weight.dtype)
+    dense.weight = nn.Parameter(weight)
+    if has_bias:
+        dense.bias = nn.Parameter(layer.bias.detach().clone())
+    return dense
+
+
+def materialize(model: PreTrainedModel) -> PreTrainedModel:
+    """Turn a patched model back into its vanilla transformers class, in place; returns it.
+
+    Each ETF layer becomes an ordinary dense layer holding the weight the ETF layer computes with
+    (frame times gain) and its bias, so outputs are unchanged and plain transformers saves, loads,
+    serves and exports it. This is not an "unpatch": the weights the model had before `patch` are not
+    restored (an ETF patch keeps only the frame), and every weight is trainable again.
+    """
+    if getattr(model.config, "etf", None) is None:
+        raise ValueError(f"{type(model).__name__} is not patched by etf_hf (no config.etf): nothing to materialize")
+    for slot in find_slots(model, ETFConfig.from_dict(model.config.etf)):
+        layer = getattr(slot.parent, slot.attribute)
+        if isinstance(layer, ETFLinear):
+            setattr(slot.parent, slot.attribute, _dense_layer(layer, slot.layout))
+    del model.config.etf
+    _set_config_class(model.config, type(model.config).etf_vanilla_class)
+    model.__class__ = model.etf_vanilla_class
+    return model
+
+
+def lock_blocks(model: PreTrainedModel, blocks: list[int], config: ETFConfig | None = None) -> list[int]:
+    """Fix the FFN projections of more blocks, keeping those already fixed: Adaptive-ETF's lock.
+
+    An unpatched model is patched with ``config`` (default: the frame nearest to the current weights)
+    restricted to ``blocks``; a patched one extends its ``config.etf`` so save and load keep every lock.
+    Returns the blocks that are now fixed.
+    """
+    existing = getattr(model.config, "etf", None)
+    if existing is None:
+        base = config or ETFConfig(basis="nearest")
+        patch(model, dataclasses.replace(base, layers=sorted(set(blocks))))
+        return list(model.config.etf["layers"])
+    current = ETFConfig.from_dict(existing)
+    if not isinstance(current.layers, list):
+        raise ValueError("this model's ETF layers were chosen by target_modules outside numbered blocks; "
+                         "blocks cannot be added to it")
+    if config is not None and dataclasses.replace(config, layers=current.layers) != current:
+        raise ValueError(f"lock_blocks: {config} differs from the model's config.etf {current} in more than layers")
+    merged = dataclasses.replace(current, layers=sorted(set(current.layers) | set(blocks)))
+    model.config.etf = _resolved(merged, apply_etf_layers(model, merged)).to_dict()
+    return list(model.config.etf["layers"])

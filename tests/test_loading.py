@@ -93,13 +93,18 @@ def _run_without_etf_hf(code: str) -> subprocess.CompletedProcess:
 
 def test_vanilla_auto_class_refuses_an_etf_checkpoint(tmp_path: Path) -> None:
     """Trap: a checkpoint keeping model_type gpt2 would load in vanilla transformers with random MLPs.
-    The etf_gpt2 type makes the Auto classes raise instead."""
+    The etf_gpt2 type (and the shipped remote code) make the Auto classes raise instead, asking for
+    trust_remote_code; with the remote code removed they raise on the unknown model type."""
     patch(tiny_gpt2()).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "etf_gpt2"
-    result = _run_without_etf_hf(
-        f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({str(tmp_path)!r})")
-    assert result.returncode != 0
-    assert "etf_gpt2" in result.stderr
+    load = f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({str(tmp_path)!r})"
+    result = _run_without_etf_hf(load)
+    assert result.returncode != 0 and "trust_remote_code=True" in result.stderr
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["auto_map"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = _run_without_etf_hf(load)
+    assert result.returncode != 0 and "etf_gpt2" in result.stderr
 
 
 def test_explicit_vanilla_class_loudly_reports_the_missing_ffn(tmp_path: Path) -> None:

@@ -1,0 +1,65 @@
+"""The injector: replaces the projections a config selects by ETF layers, and counts what it did.
+
+Kept apart from `patch` (which also swaps classes and writes `config.etf`) because the ETF model
+classes call it while being constructed from a checkpoint's config.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .architectures import Slot, find_slots
+from .config import ETFConfig
+from .etf import slot_seed
+from .layers import ETFLinear
+
+
+def etf_layers(model: nn.Module) -> list[tuple[str, ETFLinear]]:
+    """(path, layer) for every ETF layer in ``model``."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, ETFLinear)]
+
+
+def apply_etf_layers(model: nn.Module, config: ETFConfig) -> list[Slot]:
+    """Replace the projections ``config`` selects by `ETFLinear`s; projections already ETF are kept."""
+    slots = find_slots(model, config)
+    for slot in slots:
+        current = getattr(slot.parent, slot.attribute)
+        if isinstance(current, ETFLinear):
+            continue
+        replacement = ETFLinear.from_layer(
+            current, layout=slot.layout, basis=config.basis, seed=slot_seed(config.seed, slot.seed_key),
+            gain=config.gain, trainable_gain=config.trainable_gain,
+        )
+        setattr(slot.parent, slot.attribute, replacement)
+    for _, layer in etf_layers(model):
+        set_frame_stored(layer, config.storage == "dense" or not layer.regenerable)
+    return slots
+
+
+def frame_is_stored(layer: ETFLinear) -> bool:
+    """Whether checkpoints carry this layer's frame (else it is regenerated after loading)."""
+    return "frame" not in layer._non_persistent_buffers_set
+
+
+def set_frame_stored(layer: ETFLinear, stored: bool) -> None:
+    """Make the frame buffer persistent (in state_dict and checkpoints) or not; its value is untouched."""
+    if stored:
+        layer._non_persistent_buffers_set.discard("frame")
+    elif layer.regenerable:
+        layer._non_persistent_buffers_set.add("frame")
+    else:
+        raise ValueError(f"a {layer.basis!r} frame cannot be regenerated, so it must be stored")
+
+
+def parameter_summary(model: nn.Module) -> dict[str, int]:
+    """Trainable, total and ETF-fixed weight counts.
+
+    ``total`` counts every weight the model computes with, frames included even though checkpoints may
+    not store them, so trainable/total compares directly with the unpatched model's 100 %.
+    """
+    parameters = list(model.parameters())
+    layers = [layer for _, layer in etf_layers(model)]
+    return {
+        "trainable": sum(p.numel() for p in parameters if p.requires_grad),
+        "total": sum(p.numel() for p in parameters) + sum(b.numel() for layer in layers for b in layer.buffers()),
+        "etf_fixed": sum(layer.frame.numel() for layer in layers),
+    }

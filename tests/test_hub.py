@@ -1,0 +1,210 @@
+"""Hub-ready checkpoints: compact/dense storage, loading without the plugin, materialize, push_to_hub."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import HfApi
+from safetensors.torch import load_file, save_file
+from transformers import (AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification,
+                          GPT2Config, GPT2LMHeadModel)
+
+import etf_hf
+from etf_hf import ETFConfig, etf_layers, materialize, patch
+from etf_hf.hub import REMOTE_CODE_FILE
+from tiny_models import tiny_bert, tiny_gpt2, tiny_vit, token_batch
+
+
+def logits(model, **inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**inputs).logits
+
+
+def frame_keys(folder: Path) -> list[str]:
+    return [k for k in load_file(folder / "model.safetensors") if k.endswith(".frame")]
+
+
+def test_compact_leaves_out_regenerable_frames_dense_stores_them(tmp_path: Path) -> None:
+    model = patch(tiny_gpt2())
+    model.save_pretrained(tmp_path / "compact")
+    model.save_pretrained(tmp_path / "dense", etf_storage="dense")
+    assert frame_keys(tmp_path / "compact") == []
+    assert len(frame_keys(tmp_path / "dense")) == len(etf_layers(model))
+    assert model.config.etf["storage"] == "compact" and "auto_map" not in model.config.to_dict()
+    x = token_batch()
+    for variant in ("compact", "dense"):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / variant)
+        assert loaded.config.etf["storage"] == variant
+        assert torch.equal(logits(loaded, input_ids=x), logits(model, input_ids=x))
+
+
+def test_dense_checkpoint_frames_are_loaded_not_regenerated(tmp_path: Path) -> None:
+    """In a dense checkpoint the stored frame is authoritative: it is what the model computes with."""
+    patch(tiny_gpt2()).save_pretrained(tmp_path, etf_storage="dense")
+    weights = load_file(tmp_path / "model.safetensors")
+    key = frame_keys(tmp_path)[0]
+    weights[key] = -weights[key]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.get_parameter_or_buffer(key), weights[key])
+
+
+@pytest.mark.slow
+def test_gpt2_small_compact_checkpoint_is_at_most_56_percent_of_vanilla(tmp_path: Path) -> None:
+    vanilla = GPT2LMHeadModel(GPT2Config()).to(torch.bfloat16)
+    vanilla.save_pretrained(tmp_path / "vanilla")
+    patch(vanilla).save_pretrained(tmp_path / "compact")
+    vanilla_size = (tmp_path / "vanilla" / "model.safetensors").stat().st_size
+    compact_size = (tmp_path / "compact" / "model.safetensors").stat().st_size
+    assert compact_size <= 0.56 * vanilla_size, (compact_size, vanilla_size)
+
+
+def _run_without_etf_hf(code: str) -> subprocess.CompletedProcess:
+    blocker = "import sys; sys.modules['etf_hf'] = None\n"
+    return subprocess.run([sys.executable, "-c", blocker + code], capture_output=True, text=True, timeout=300)
+
+
+REMOTE_CASES = {
+    "gpt2": (lambda: patch(tiny_gpt2(), ETFConfig(basis="orthogonal")), "AutoModelForCausalLM",
+             lambda: {"input_ids": token_batch()}),
+    "bert-nearest": (lambda: patch(tiny_bert(), ETFConfig(basis="nearest", layers="last:1")),
+                     "AutoModelForSequenceClassification", lambda: {"input_ids": token_batch(120)}),
+    "vit-canonical": (lambda: patch(tiny_vit(), ETFConfig(basis="canonical")), "AutoModelForImageClassification",
+                      lambda: {"pixel_values": torch.randn(2, 1, 28, 28)}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REMOTE_CASES))
+def test_loads_without_etf_hf_through_remote_code(case: str, tmp_path: Path) -> None:
+    build, auto_class, make_inputs = REMOTE_CASES[case]
+    model = build()
+    inputs = make_inputs()
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / REMOTE_CODE_FILE).exists()
+    torch.save(inputs, tmp_path / "inputs.pt")
+    code = f"""
+import torch, transformers
+from transformers import {auto_class}
+model = {auto_class}.from_pretrained({str(tmp_path / 'ckpt')!r}, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+with torch.no_grad():
+    torch.save(model(**torch.load({str(tmp_path / 'inputs.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
+"""
+    result = _run_without_etf_hf(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), logits(model, **inputs))
+
+
+def test_materialize_returns_the_vanilla_model_with_identical_outputs(tmp_path: Path) -> None:
+    model = patch(tiny_gpt2(), ETFConfig(basis="orthogonal"))
+    with torch.no_grad():
+        for _, layer in etf_layers(model):
+            layer.frame_norm.mul_(1.5)
+    x = token_batch()
+    expected = logits(model, input_ids=x)
+    vanilla = materialize(model)
+    assert type(vanilla) is GPT2LMHeadModel and vanilla.config.model_type == "gpt2"
+    assert not etf_layers(vanilla) and not hasattr(vanilla.config, "etf")
+    assert type(vanilla.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
+    assert torch.allclose(logits(vanilla, input_ids=x), expected, atol=1e-5)
+    assert all(p.requires_grad for p in vanilla.parameters())
+    vanilla.save_pretrained(tmp_path)
+    torch.save(x, tmp_path / "x.pt")
+    result = _run_without_etf_hf(f"""
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}).eval()
+with torch.no_grad():
+    torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
+""")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), logits(vanilla, input_ids=x))
+
+
+def test_materialize_needs_a_patched_model() -> None:
+    with pytest.raises(ValueError, match="not patched"):
+        materialize(tiny_gpt2())
+
+
+def test_push_to_hub_uploads_the_save_folder_and_a_model_card(monkeypatch, tmp_path: Path) -> None:
+    """No network here: everything up to HfApi.create_commit is the real code path; the commit is
+    intercepted and its operations inspected."""
+    commits = []
+
+    class Repo:
+        repo_id = "someone/etf-gpt2"
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: Repo())
+
+    def fake_commit(self, repo_id, operations, **kwargs):
+        commits.append((repo_id, {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations},
+                        kwargs))
+        return "commit-url"
+
+    monkeypatch.setattr(HfApi, "create_commit", fake_commit)
+    model = patch(tiny_gpt2(), ETFConfig(basis="orthogonal", layers="last:1"))
+    model.config._name_or_path = "openai-community/gpt2"
+    model.push_to_hub("etf-gpt2")
+    model.save_pretrained(tmp_path)
+    (repo_id, files, kwargs), = commits
+    assert repo_id == "someone/etf-gpt2"
+    assert set(files) == {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", REMOTE_CODE_FILE, "README.md"} <= set(files)
+    card = files["README.md"].decode()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert {"etf", "neural-collapse"} <= set(metadata["tags"])
+    assert metadata["base_model"] == "openai-community/gpt2" and metadata["library_name"] == "transformers"
+    summary = etf_hf.parameter_summary(model)
+    assert f"{summary['trainable']:,}" in card and f"{summary['total']:,}" in card
+    assert '"basis": "orthogonal"' in card and "trust_remote_code=True" in card and "materialize" in card
+
+
+def test_user_readme_is_not_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("my own card")
+    patch(tiny_gpt2()).save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "my own card"
+
+
+def test_shape_mismatch_in_checkpoint_is_an_error(tmp_path: Path) -> None:
+    patch(tiny_gpt2(), ETFConfig(basis="nearest")).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    key = next(k for k in weights if k.endswith("c_fc.frame"))
+    weights[key] = weights[key][:, :-1].contiguous()
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Exception, match="(?i)shape|size|mismatch"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_truncated_weight_file_is_an_error(tmp_path: Path) -> None:
+    patch(tiny_gpt2()).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(Exception):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_corrupted_weight_file_is_an_error(tmp_path: Path) -> None:
+    patch(tiny_gpt2()).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x00" * 64 + weights.read_bytes()[64:])
+    with pytest.raises(Exception):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("basis", ["orthogonal", "nearest"])
+def test_bf16_round_trip_keeps_the_frame_up_to_bf16_rounding(basis: str, tmp_path: Path) -> None:
+    """Frames are defined in float32; a bf16 model holds exactly their bf16 rounding, whether the frame
+    was stored (nearest) or regenerated after loading (orthogonal)."""
+    model = patch(tiny_bert(), ETFConfig(basis=basis))
+    frames = {name: layer.frame.clone() for name, layer in etf_layers(model)}
+    gains = {name: layer.frame_norm.detach().clone() for name, layer in etf_layers(model)}
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    for name, layer in etf_layers(loaded):
+        assert layer.frame.dtype == torch.bfloat16
+        assert torch.equal(layer.frame, frames[name].to(torch.bfloat16)), name
+        assert torch.equal(layer.frame_norm, gains[name].to(torch.bfloat16)), name
