@@ -11,18 +11,23 @@ differs between bases, so all of them share one exactness test: unit columns and
 
 This module is plain tensor math (no nn.Module) so that the layers, the checkpoint code and the tests
 all build frames the same way.
+
+The ``structured`` basis (see `structured_plan`) is the one that need not be stored at all, not even in
+memory: U is a seeded composition of index maps, sign flips and Walsh-Hadamard blocks, so a layer can apply
+the frame matrix-free (`structured_apply`, `structured_apply_t`) in O(n D log D) from O(D) integers.
 """
 from __future__ import annotations
 
 import hashlib
 import math
+from typing import NamedTuple
 
 import torch
 
 #: Bases whose frame is a pure function of (K, D, seed): they never need to be stored.
-REGENERABLE_BASES: tuple[str, ...] = ("canonical", "orthogonal")
+REGENERABLE_BASES: tuple[str, ...] = ("canonical", "orthogonal", "structured")
 #: Every basis `simplex_etf` accepts.
-BASES: tuple[str, ...] = REGENERABLE_BASES + ("nearest",)
+BASES: tuple[str, ...] = ("canonical", "orthogonal", "nearest", "structured")
 
 
 def _check_shape(num_vectors: int, dim: int) -> None:
@@ -112,6 +117,8 @@ def simplex_etf(
     basis:
       * ``canonical``  - U = eye(D, K), the construction used by the paper's code;
       * ``orthogonal`` - U a seeded random isometry (same seed, same frame, in every process);
+      * ``structured`` - U a seeded Walsh-Hadamard isometry drawn from signs and indices only, applicable
+        matrix-free (see `structured_plan`); this returns its dense materialisation;
       * ``nearest``    - the frame nearest to ``weight`` (D x K), see `nearest_simplex_etf`.
     The frame is computed in float64 and cast to ``dtype`` at the end, so the float32 Gram is exact to
     rounding.
@@ -125,6 +132,8 @@ def simplex_etf(
         return nearest_simplex_etf(weight)[0].to(dtype)
     if basis not in REGENERABLE_BASES:
         raise ValueError(f"unknown ETF basis {basis!r}; choose one of {', '.join(BASES)}")
+    if basis == "structured":
+        return structured_dense(structured_plan(num_vectors, dim, seed)).to(dtype)
     isometry = _isometry(num_vectors, dim, basis, seed)
     frame = math.sqrt(num_vectors / (num_vectors - 1)) * isometry @ centering_matrix(num_vectors)
     return frame.to(dtype)
@@ -137,3 +146,329 @@ def slot_seed(seed: int, slot_key: str) -> int:
     """
     digest = hashlib.sha256(f"etf_hf:{seed}:{slot_key}".encode()).digest()
     return int.from_bytes(digest[:7], "little")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The structured basis: a Walsh-Hadamard isometry drawn from signs and indices only.
+# ---------------------------------------------------------------------------------------------------
+#
+# U (D x K, orthonormal columns) = Perm_out . BlockHadamard_D . Signs . Embed_K->D, where
+#   * Embed scatters the K (centred) inputs into K of the D coordinates. The slots are stratified over
+#     the Hadamard blocks, about K*b/D of them into a block of size b (at least log2(b) where possible),
+#     and assigned to the inputs by a random permutation: this is Perm_in . Embed, stored as one index
+#     vector. Every block receives inputs, so every output coordinate depends on the input;
+#   * Signs flips the sign of each input (stored per input, as +-1);
+#   * BlockHadamard_D is block diagonal with orthonormal Sylvester-Hadamard blocks H_b / sqrt(b). The
+#     blocks are the binary decomposition of D (3072 = 2048 + 1024, 768 = 512 + 256, an odd D ends with a
+#     block of size 1), so every block is a power of two whatever D is: no dense fallback, no QR, nothing
+#     but +-1 arithmetic, and at most log2(D)+1 blocks, the largest at least D/2 (so most outputs mix
+#     many inputs);
+#   * Perm_out is a seeded permutation of the D outputs.
+# For D = K-1 (no D x K isometry exists) U = Perm_out . BlockHadamard . Signs . Perm_in . Helmert, with
+# the Helmert rows (an orthonormal basis of the complement of 1) applied matrix-free by cumulative sums.
+#
+# Random draws come from SplitMix64 implemented here in pure Python, not from torch or `random`: the
+# plan (indices and signs) depends on nothing a torch or Python release could change, so it is
+# bit-for-bit the same everywhere (the frame's float values then agree to rounding), and a checkpoint
+# never needs to store it.
+
+#: Largest Hadamard factor applied as one small matmul (see `_structured_block_transform`).
+STRUCTURED_MAX_FACTOR = 64
+_STRUCTURED_MAX_DRAWS = 64
+_MASK64 = (1 << 64) - 1
+
+
+class StructuredPlan(NamedTuple):
+    """Everything a structured frame is made of: O(D) integers, K signs and one small +-1 matrix.
+
+    The frame is M = sqrt(K/(K-1)) U (I - 11^T/K), D x K, with U described above. Tensors may live on any
+    device and the float ones in any dtype (all their entries are exactly +-1); `structured_plan` builds
+    them on the CPU.
+    """
+
+    num_vectors: int  # K
+    dim: int  # D
+    blocks: tuple[int, ...]  # power-of-two Hadamard block sizes, in order along D (sum = D)
+    helmert: bool  # D == K-1: inputs go through the Helmert basis instead of centring + embedding
+    index: torch.Tensor  # (m,) int64: coordinate (of D) that input i lands on; m = K, or D if helmert
+    signs: torch.Tensor  # (m,) +-1: sign of input i
+    perm: torch.Tensor  # (D,) int64: output i is Hadamard coordinate perm[i]
+    inverse: torch.Tensor  # (D,) int64: inverse of perm
+    hadamard: torch.Tensor  # (F, F) Sylvester +-1 matrix; every block factor is a leading submatrix
+
+
+class _SplitMix64:
+    """SplitMix64 (Steele, Lea & Flood 2014), fully specified in a few lines, so reproducible forever."""
+
+    def __init__(self, state: int) -> None:
+        self.state = state & _MASK64
+
+    def next(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & _MASK64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return z ^ (z >> 31)
+
+    def below(self, n: int) -> int:
+        """Uniform integer in [0, n), without modulo bias (rejection of the top partial range)."""
+        limit = (1 << 64) - ((1 << 64) % n)
+        while True:
+            value = self.next()
+            if value < limit:
+                return value % n
+
+    def sample(self, n: int, k: int) -> list[int]:
+        """k distinct values of range(n), in random order (partial Fisher-Yates)."""
+        items = list(range(n))
+        for i in range(k):
+            j = i + self.below(n - i)
+            items[i], items[j] = items[j], items[i]
+        return items[:k]
+
+    def signs(self, k: int) -> list[float]:
+        out: list[float] = []
+        while len(out) < k:
+            word = self.next()
+            out.extend(1.0 - 2.0 * ((word >> bit) & 1) for bit in range(min(64, k - len(out))))
+        return out
+
+
+def structured_blocks(dim: int) -> tuple[int, ...]:
+    """The Hadamard block sizes of a structured frame in R^dim: the binary decomposition of dim, largest first."""
+    return tuple(1 << bit for bit in reversed(range(dim.bit_length())) if dim >> bit & 1)
+
+
+def _structured_factors(block: int) -> tuple[int, ...]:
+    """Split a power-of-two block into as few power-of-two factors <= STRUCTURED_MAX_FACTOR as possible,
+    as equal as possible (1024 -> 32 x 32, 2048 -> 64 x 32, 8192 -> 32 x 16 x 16); () for a block of 1."""
+    bits = block.bit_length() - 1
+    max_bits = STRUCTURED_MAX_FACTOR.bit_length() - 1
+    count = -(-bits // max_bits)
+    return tuple(1 << (bits // count + (i < bits % count)) for i in range(count))
+
+
+def structured_hadamard_size(dim: int) -> int:
+    """Side of the Sylvester matrix a structured plan in R^dim carries (its largest block factor)."""
+    return max((f for block in structured_blocks(dim) for f in _structured_factors(block)), default=1)
+
+
+def sylvester_hadamard(size: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = "cpu"
+                       ) -> torch.Tensor:
+    """The size x size Sylvester-Hadamard matrix, H[i, j] = (-1)^popcount(i & j) (size a power of two)."""
+    if size < 1 or size & (size - 1):
+        raise ValueError(f"a Sylvester-Hadamard matrix needs a power-of-two size, got {size}")
+    rows = torch.arange(size, device=device)
+    bits = rows[:, None] & rows[None, :]
+    parity = torch.zeros_like(bits)
+    while bool(bits.any()):
+        parity ^= bits & 1
+        bits = bits >> 1
+    return (1 - 2 * parity).to(dtype)
+
+
+def _gf2_rank(values: list[int]) -> int:
+    """Rank over GF(2) of integers read as bit vectors (xor basis)."""
+    basis: dict[int, int] = {}
+    for value in values:
+        while value:
+            top = value.bit_length() - 1
+            if top not in basis:
+                basis[top] = value
+                break
+            value ^= basis[top]
+    return len(basis)
+
+
+def _structured_counts(inputs: int, blocks: tuple[int, ...]) -> list[int]:
+    """How many inputs each block gets: proportional to its size (largest remainder), then at least
+    min(b, log2 b, 1) per block as far as the inputs allow (a block of size 2^a needs a inputs whose
+    offsets span GF(2)^a for its rows to be distinct), taken from the block with the largest surplus."""
+    dim = sum(blocks)
+    counts = [inputs * block // dim for block in blocks]
+    order = sorted(range(len(blocks)), key=lambda j: (-(inputs * blocks[j] % dim), j))
+    for j in order[:inputs - sum(counts)]:
+        counts[j] += 1
+    for floor in (lambda b: 1, lambda b: max(1, b.bit_length() - 1)):
+        minimum = [min(block, floor(block)) for block in blocks]
+        if sum(minimum) > inputs:
+            break
+        for j in range(len(blocks)):
+            while counts[j] < minimum[j]:
+                donor = max(range(len(blocks)), key=lambda i: (counts[i] - minimum[i], -i))
+                counts[donor] -= 1
+                counts[j] += 1
+    return counts
+
+
+def structured_plan(num_vectors: int, dim: int, seed: int = 0) -> StructuredPlan:
+    """The seeded description of a structured simplex ETF of K=num_vectors vectors in R^D (D >= K-1).
+
+    Deterministic in (K, D, seed) on every machine (pure-Python SplitMix64, no floating point in the
+    draws). Draws are rejected, deterministically, until every Hadamard block's input offsets span
+    GF(2)^log2(b) (so no two outputs of a block see the input through the same row: the activated hidden
+    features have full rank) and, when one block holds all inputs, no output row is constant (it would
+    vanish after centring); only a tiny K (fewer inputs than log2 of a block) can make that impossible,
+    and then the last draw is kept: it is still an exact simplex ETF.
+    """
+    _check_shape(num_vectors, dim)
+    helmert = dim == num_vectors - 1
+    inputs = dim if helmert else num_vectors
+    blocks = structured_blocks(dim)
+    digest = hashlib.sha256(f"etf_hf:structured:{int(seed)}:{num_vectors}:{dim}".encode()).digest()
+    rng = _SplitMix64(int.from_bytes(digest[:8], "little"))
+    slots: list[int] = []
+    block_slots: list[list[int]] = []
+    offset = 0
+    for block, count in zip(blocks, _structured_counts(inputs, blocks)):
+        bits = block.bit_length() - 1
+        for _ in range(_STRUCTURED_MAX_DRAWS):
+            chosen = rng.sample(block, count)
+            if count < bits or _gf2_rank(chosen) == bits:
+                break
+        block_slots.append(chosen)
+        slots.extend(offset + c for c in chosen)
+        offset += block
+    assignment = rng.sample(inputs, inputs)
+    index = [slots[a] for a in assignment]
+    holder = [j for j, chosen in enumerate(block_slots) if chosen]
+    for _ in range(_STRUCTURED_MAX_DRAWS):
+        signs = rng.signs(inputs)
+        if helmert or len(holder) != 1 or inputs < 2:
+            break
+        block = blocks[holder[0]]
+        start = sum(blocks[:holder[0]])
+        embedded = torch.zeros(block, dtype=torch.float64)
+        embedded[torch.tensor(index) - start] = torch.tensor(signs, dtype=torch.float64)
+        hadamard = sylvester_hadamard(structured_hadamard_size(dim))
+        rows = _structured_block_transform(embedded[None], block, hadamard) * math.sqrt(block)
+        if bool((rows.abs() < inputs - 0.5).all()):  # row sums of +-1 entries: == K only if constant
+            break
+    perm = rng.sample(dim, dim)
+    inverse = [0] * dim
+    for position, source in enumerate(perm):
+        inverse[source] = position
+    return StructuredPlan(
+        num_vectors=num_vectors, dim=dim, blocks=blocks, helmert=helmert,
+        index=torch.tensor(index, dtype=torch.int64), signs=torch.tensor(signs, dtype=torch.float64),
+        perm=torch.tensor(perm, dtype=torch.int64), inverse=torch.tensor(inverse, dtype=torch.int64),
+        hadamard=sylvester_hadamard(structured_hadamard_size(dim)),
+    )
+
+
+def _structured_block_transform(z: torch.Tensor, block: int, hadamard: torch.Tensor) -> torch.Tensor:
+    """z (M, b) @ (H_b / sqrt(b)) for one power-of-two block, H_b = H_f1 (x) H_f2 (x) ... (Sylvester).
+
+    A fast Walsh-Hadamard transform by Kronecker factors: the block is viewed as (M, f1, rest), the
+    rest is transformed recursively and the f1 axis by one small dense matmul (f <= 64). That is
+    sum(f) multiply-adds per element (64 for b = 1024, vs log2(b) = 10 add/sub stages of the textbook
+    butterfly), but in len(factors) = 2 passes over memory instead of log2(b) (each butterfly stage also
+    needs a stack/cat copy). Measured on a shared 2-core CPU, fp32, 2048 rows x 3072: ~100-170 ms for
+    the factored transform vs ~800-1100 ms for the reshape/add butterfly and ~400 ms for the dense
+    768 x 3072 matmul. On a GPU the transform is memory-bound either way and the small matmuls are
+    cheap (tensor cores), so fewer passes win there too. In 16-bit dtypes there are only len(factors)
+    roundings (matmuls accumulate in fp32), not log2(b). With TF32 matmuls enabled the factors run in
+    TF32, exactly like a dense fp32 frame would.
+    """
+    factors = _structured_factors(block)
+    if not factors:
+        return z
+    first = factors[0]
+    h = hadamard[:first, :first].to(z.dtype) * (first ** -0.5)
+    if len(factors) == 1:
+        return z @ h
+    rest = block // first
+    inner = _structured_block_transform(z.reshape(-1, rest), rest, hadamard)
+    return torch.matmul(h, inner.reshape(-1, first, rest)).reshape(-1, block)
+
+
+def _structured_hadamard(z: torch.Tensor, plan: StructuredPlan) -> torch.Tensor:
+    """(..., D) -> (..., D): the orthonormal block-diagonal Hadamard transform (symmetric, its own inverse)."""
+    lead = z.shape[:-1]
+    flat = z.reshape(-1, plan.dim)
+    parts = []
+    offset = 0
+    for block in plan.blocks:
+        parts.append(_structured_block_transform(flat[:, offset:offset + block], block, plan.hadamard))
+        offset += block
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return out.reshape(*lead, plan.dim)
+
+
+def _helmert_weights(num_vectors: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    steps = torch.arange(1, num_vectors, device=like.device, dtype=like.dtype)
+    return steps, torch.rsqrt(steps * (steps + 1))
+
+
+def _helmert_apply(x: torch.Tensor) -> torch.Tensor:
+    """(..., K) -> (..., K-1): x @ Helmert^T, the coordinates of x in the complement of 1 (cumulative sums)."""
+    steps, weights = _helmert_weights(x.shape[-1], x)
+    return (x.cumsum(-1)[..., :-1] - steps * x[..., 1:]) * weights
+
+
+def _helmert_apply_t(v: torch.Tensor) -> torch.Tensor:
+    """(..., K-1) -> (..., K): v @ Helmert, the transpose of `_helmert_apply`."""
+    num_vectors = v.shape[-1] + 1
+    steps, weights = _helmert_weights(num_vectors, v)
+    scaled = torch.nn.functional.pad(v * weights, (1, 0))  # u_0 = 0, u_i = v_(i-1) / sqrt(i (i+1))
+    tail_sums = scaled.flip(-1).cumsum(-1).flip(-1)  # sum_(i >= j) u_i
+    positions = torch.nn.functional.pad(steps, (1, 0))  # j = 0 .. K-1
+    return tail_sums - (positions + 1) * scaled
+
+
+def structured_apply(x: torch.Tensor, plan: StructuredPlan) -> torch.Tensor:
+    """x @ M^T for the structured frame M (D x K) of ``plan``: (..., K) -> (..., D), matrix-free.
+
+    This is the forward of an up-projection (weight M, K = in < out = D) and the input gradient of a
+    down-projection (weight M^T). Computed in x's dtype (cast the result yourself under autocast);
+    differentiable by autograd. Cost: O(n D sum(factors)) flops, a few passes over n x D memory,
+    no D x K matrix anywhere.
+    """
+    if x.shape[-1] != plan.num_vectors:
+        raise ValueError(f"structured_apply: last dim {x.shape[-1]} != K={plan.num_vectors}")
+    scale = math.sqrt(plan.num_vectors / (plan.num_vectors - 1))
+    if plan.helmert:
+        inputs = _helmert_apply(x)
+    else:
+        inputs = x - x.mean(-1, keepdim=True)
+    return _structured_rotate(inputs, plan, scale)
+
+
+def _structured_rotate(inputs: torch.Tensor, plan: StructuredPlan, scale: float) -> torch.Tensor:
+    """(..., m) -> (..., D): scale * Perm_out . BlockHadamard . Signs . Embed applied to each row."""
+    signs = plan.signs.to(inputs.dtype) * scale
+    z = inputs.new_zeros(*inputs.shape[:-1], plan.dim).index_copy_(-1, plan.index, inputs * signs)
+    return _structured_hadamard(z, plan).index_select(-1, plan.perm)
+
+
+def structured_apply_t(y: torch.Tensor, plan: StructuredPlan) -> torch.Tensor:
+    """y @ M for the structured frame M (D x K) of ``plan``: (..., D) -> (..., K), matrix-free.
+
+    The forward of a down-projection (weight M^T, D = in > out = K) and the input gradient of an
+    up-projection; the exact transpose of `structured_apply`.
+    """
+    if y.shape[-1] != plan.dim:
+        raise ValueError(f"structured_apply_t: last dim {y.shape[-1]} != D={plan.dim}")
+    scale = math.sqrt(plan.num_vectors / (plan.num_vectors - 1))
+    z = _structured_hadamard(y.index_select(-1, plan.inverse), plan)
+    inputs = z.index_select(-1, plan.index) * (plan.signs.to(y.dtype) * scale)
+    if plan.helmert:
+        return _helmert_apply_t(inputs)
+    return inputs - inputs.mean(-1, keepdim=True)
+
+
+def structured_isometry(plan: StructuredPlan, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The D x K matrix U of ``plan``, dense: orthonormal columns (D >= K), or for D = K-1 orthonormal
+    rows spanning the complement of the all-ones vector. The frame is sqrt(K/(K-1)) U (I - 11^T/K)."""
+    plan64 = plan._replace(signs=plan.signs.to(torch.float64), hadamard=plan.hadamard.to(torch.float64))
+    eye = torch.eye(plan.num_vectors, dtype=torch.float64, device=plan.signs.device)
+    inputs = _helmert_apply(eye) if plan.helmert else eye
+    return _structured_rotate(inputs, plan64, 1.0).t().contiguous().to(dtype)
+
+
+def structured_dense(plan: StructuredPlan, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The D x K frame of ``plan`` as a dense matrix (materialised in float64, then cast)."""
+    signs = plan.signs.to(torch.float64)
+    plan64 = plan._replace(signs=signs, hadamard=plan.hadamard.to(torch.float64))
+    eye = torch.eye(plan.num_vectors, dtype=torch.float64, device=signs.device)
+    return structured_apply(eye, plan64).t().contiguous().to(dtype)

@@ -58,21 +58,24 @@ def remote_code_source(model) -> str:
     return _library_source() + "\n".join(footer) + "\n"
 
 
-def auto_map(model) -> dict[str, str]:
-    """``config.auto_map`` entries: AutoConfig and every Auto class that maps to the model's vanilla class."""
+def auto_classes() -> list[type]:
+    """transformers' ``AutoModel*`` classes (only those names are touched: any other attribute of the
+    lazy transformers package would import that part of it, ~20 s in all)."""
     import transformers
 
+    return [getattr(transformers, name) for name in dir(transformers)
+            if name.startswith("AutoModel") and hasattr(getattr(transformers, name), "_model_mapping")]
+
+
+def auto_map(model) -> dict[str, str]:
+    """``config.auto_map`` entries: AutoConfig and every Auto class that maps to the model's vanilla class."""
     module = REMOTE_CODE_FILE.removesuffix(".py")
     entries = {"AutoConfig": f"{module}.{type(model.config).__name__}"}
     vanilla_config = type(model.config).etf_vanilla_class
-    for name in dir(transformers):
-        auto_class = getattr(transformers, name)
-        mapping = getattr(auto_class, "_model_mapping", None) if name.startswith("AutoModel") else None
-        if mapping is None:
-            continue
+    for auto_class in auto_classes():
         try:
-            if mapping[vanilla_config] is model.etf_vanilla_class:
-                entries[name] = f"{module}.{type(model).__name__}"
+            if auto_class._model_mapping[vanilla_config] is model.etf_vanilla_class:
+                entries[auto_class.__name__] = f"{module}.{type(model).__name__}"
         except (KeyError, ValueError):
             continue
     return entries

@@ -36,12 +36,17 @@ def apply_etf_layers(model: nn.Module, config: ETFConfig) -> list[Slot]:
 
 
 def frame_is_stored(layer: ETFLinear) -> bool:
-    """Whether checkpoints carry this layer's frame (else it is regenerated after loading)."""
-    return "frame" not in layer._non_persistent_buffers_set
+    """Whether checkpoints carry this layer's dense frame (else it is regenerated after loading).
+
+    A ``structured`` layer has no dense frame, only a small seeded plan, which is always regenerated.
+    """
+    return "frame" in layer._buffers and "frame" not in layer._non_persistent_buffers_set
 
 
 def set_frame_stored(layer: ETFLinear, stored: bool) -> None:
-    """Make the frame buffer persistent (in state_dict and checkpoints) or not; its value is untouched."""
+    """Make a dense frame buffer persistent (in state_dict and checkpoints) or not; its value is untouched."""
+    if "frame" not in layer._buffers:
+        return
     if stored:
         layer._non_persistent_buffers_set.discard("frame")
     elif layer.regenerable:
@@ -54,12 +59,16 @@ def parameter_summary(model: nn.Module) -> dict[str, int]:
     """Trainable, total and ETF-fixed weight counts.
 
     ``total`` counts every weight the model computes with, frames included even though checkpoints may
-    not store them, so trainable/total compares directly with the unpatched model's 100 %.
+    not store them (and structured layers never materialise them), so trainable/total compares directly
+    with the unpatched model's 100 %.
     """
     parameters = list(model.parameters())
     layers = [layer for _, layer in etf_layers(model)]
+    frames = sum(layer.in_features * layer.out_features for layer in layers)
+    fixed_gains = sum(buffer.numel() for layer in layers for name, buffer in layer.named_buffers()
+                      if name == "frame_norm")
     return {
         "trainable": sum(p.numel() for p in parameters if p.requires_grad),
-        "total": sum(p.numel() for p in parameters) + sum(b.numel() for layer in layers for b in layer.buffers()),
-        "etf_fixed": sum(layer.frame.numel() for layer in layers),
+        "total": sum(p.numel() for p in parameters) + frames + fixed_gains,
+        "etf_fixed": frames,
     }

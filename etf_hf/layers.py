@@ -6,6 +6,9 @@ Design constraints, each from a way transformers 5.x or the optimizer could brea
   * frames that can be regenerated (canonical, orthogonal) are non-persistent buffers, rebuilt from
     their recipe after loading (transformers fills non-persistent buffers with uninitialised memory),
     so checkpoints do not carry them; a ``nearest`` frame depends on the old weight and is persistent;
+  * a ``structured`` layer has no frame buffer at all: it keeps only its `StructuredPlan` (O(D) indices,
+    K signs, one <= 64 x 64 +-1 matrix) as non-persistent ``plan_*`` buffers and applies the frame
+    matrix-free; ``layer.frame`` and ``layer.weight`` materialise the dense (out, in) matrix on demand;
   * the gain is named ``frame_norm`` (it is the norm of every frame vector), so Trainer's weight-decay
     rule exempts it like a LayerNorm scale instead of pulling it towards zero.
 """
@@ -16,7 +19,11 @@ import math
 import torch
 from torch import nn
 
-from .etf import REGENERABLE_BASES, simplex_etf
+from .etf import REGENERABLE_BASES, StructuredPlan, simplex_etf, structured_apply, structured_apply_t, structured_blocks, structured_dense, structured_hadamard_size, structured_plan
+
+
+#: Buffer names of a structured layer's plan, in `StructuredPlan` field order (after the static fields).
+_PLAN_BUFFERS = ("plan_index", "plan_signs", "plan_perm", "plan_inverse", "plan_hadamard")
 
 
 class _FixedFrameLinear(torch.autograd.Function):
@@ -52,7 +59,8 @@ class _FixedFrameLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        frame, gain = ctx.saved_tensors[:2]
+        saved = ctx.saved_tensors  # unpack once: non-reentrant activation checkpointing allows one unpack
+        frame, gain = saved[:2]
         compute_dtype = ctx.compute_dtype
         grad_out = grad_out.to(compute_dtype)
         grad_x = grad_gain = grad_bias = None
@@ -62,12 +70,70 @@ class _FixedFrameLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (frame_grad * gain.to(compute_dtype)).to(ctx.input_dtype)
         if ctx.needs_input_grad[2]:
-            saved = ctx.saved_tensors[2]
             partner = grad_out if ctx.save_pre_gain else frame_grad
-            grad_gain = (partner.float() * saved.float()).sum().to(gain.dtype).reshape(gain.shape)
+            grad_gain = (partner.float() * saved[2].float()).sum().to(gain.dtype).reshape(gain.shape)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).float().sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_gain, grad_bias
+
+
+class _StructuredFrameLinear(torch.autograd.Function):
+    """y = gain * (x @ W^T) + bias with W the (out, in) orientation of a structured frame, matrix-free.
+
+    Same contract as `_FixedFrameLinear`: nothing is saved for the fixed transform (its plan is a set
+    of constant buffers, kept on ctx by reference, not saved activations) and at most one activation,
+    the narrow one, for the gain's gradient. ``layout`` = (K, D, blocks, helmert, transposed) is static;
+    ``transposed`` means W = M^T (a down-projection, D -> K), else W = M (an up-projection, K -> D).
+    """
+
+    @staticmethod
+    def forward(ctx, x, gain, bias, index, signs, perm, inverse, hadamard, layout):  # type: ignore[override]
+        num_vectors, dim, blocks, helmert, transposed = layout
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            compute_dtype = torch.get_autocast_dtype(device_type)
+        else:
+            compute_dtype = x.dtype
+        plan = StructuredPlan(num_vectors, dim, blocks, helmert, index, signs, perm, inverse, hadamard)
+        with torch.autocast(device_type, enabled=False):
+            apply = structured_apply_t if transposed else structured_apply
+            pre_gain = apply(x.to(compute_dtype), plan)
+            out = pre_gain * gain.to(compute_dtype)
+            if bias is not None:
+                out = out + bias.to(compute_dtype)
+        ctx.plan = plan
+        ctx.transposed = transposed
+        ctx.compute_dtype = compute_dtype
+        ctx.input_dtype = x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        # out <= in: the output (pre-gain) side is the narrow one.
+        ctx.save_pre_gain = transposed or num_vectors == dim
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(gain, pre_gain if ctx.save_pre_gain else x)
+        else:
+            ctx.save_for_backward(gain)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        saved = ctx.saved_tensors  # unpack once: non-reentrant activation checkpointing allows one unpack
+        gain = saved[0]
+        compute_dtype = ctx.compute_dtype
+        grad_out = grad_out.to(compute_dtype)
+        grad_x = grad_gain = grad_bias = None
+        back = None
+        if ctx.needs_input_grad[0] or (ctx.needs_input_grad[1] and not ctx.save_pre_gain):
+            apply = structured_apply if ctx.transposed else structured_apply_t
+            with torch.autocast(grad_out.device.type, enabled=False):
+                back = apply(grad_out, ctx.plan)
+        if ctx.needs_input_grad[0]:
+            grad_x = (back * gain.to(compute_dtype)).to(ctx.input_dtype)
+        if ctx.needs_input_grad[1]:
+            partner = grad_out if ctx.save_pre_gain else back
+            grad_gain = (partner.float() * saved[1].float()).sum().to(gain.dtype).reshape(gain.shape)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_gain, grad_bias, None, None, None, None, None, None
 
 
 def frame_orientation(in_features: int, out_features: int) -> str:
@@ -81,11 +147,15 @@ def frame_orientation(in_features: int, out_features: int) -> str:
 
 def oriented_frame(in_features: int, out_features: int, basis: str, seed: int,
                    weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The (out, in) fixed weight of an ETF layer, in float64."""
+    """The (out, in) fixed weight of an ETF layer, in float32.
+
+    Frames are *defined* in float32 (computed in float64, rounded once): a lower-precision model holds
+    their rounding from float32 whether the frame was cast with the model or regenerated after loading.
+    """
     if frame_orientation(in_features, out_features) == "columns":
-        return simplex_etf(in_features, out_features, basis, seed, weight, dtype=torch.float64)
+        return simplex_etf(in_features, out_features, basis, seed, weight, dtype=torch.float32)
     target = None if weight is None else weight.t()
-    return simplex_etf(out_features, in_features, basis, seed, target, dtype=torch.float64).t().contiguous()
+    return simplex_etf(out_features, in_features, basis, seed, target, dtype=torch.float32).t().contiguous()
 
 
 class ETFLinear(nn.Module):
@@ -93,6 +163,10 @@ class ETFLinear(nn.Module):
 
     ``weight`` is a read-only dense (out, in) view ``frame_norm * frame`` for interop; the layer itself
     never stores more than the frame (and not even that in checkpoints of regenerable bases).
+
+    ``frame`` is the fixed (out, in) matrix: a buffer for the dense bases; for ``structured`` a tensor
+    materialised on each access (O(K D log D) work, a fresh (out, in) tensor in the plan's dtype and
+    device, never a buffer, never in ``state_dict``), while the layer stores only ``plan_*`` buffers.
     """
 
     def __init__(self, in_features: int, out_features: int, *, basis: str, seed: int, bias: bool = True,
@@ -104,15 +178,24 @@ class ETFLinear(nn.Module):
         self.basis = basis
         self.seed = seed
         dtype = dtype or torch.get_default_dtype()
-        if frame is None:
+        if basis == "structured":
+            if frame is not None and not frame.is_meta:
+                raise ValueError("basis='structured' is regenerated from (shape, seed) and never stored: pass no frame")
+            on_meta = frame is not None and frame.is_meta
+            on_meta = on_meta or (device is not None and torch.device(device).type == "meta")
+            self._init_structured(device="meta" if on_meta else device, dtype=dtype)
+            frame = None
+        elif frame is None:
             if basis not in REGENERABLE_BASES:
                 raise ValueError(f"basis={basis!r} cannot be regenerated: pass the frame (see ETFLinear.from_layer)")
             frame = oriented_frame(in_features, out_features, basis, seed)
         elif tuple(frame.shape) != (out_features, in_features):
             raise ValueError(f"frame has shape {tuple(frame.shape)}, expected (out, in)=({out_features}, {in_features})")
-        self.register_buffer("frame", frame.to(device=device, dtype=dtype),
-                             persistent=basis not in REGENERABLE_BASES)
-        gain_tensor = torch.tensor(float(gain), device=device, dtype=dtype)
+        if frame is not None:
+            self.register_buffer("frame", frame.to(device=device, dtype=dtype),
+                                 persistent=basis not in REGENERABLE_BASES)
+        # Shape (1,), not 0-dim: FSDP2's fully_shard rejects scalar parameters.
+        gain_tensor = torch.full((1,), float(gain), device=device, dtype=dtype)
         if trainable_gain:
             self.frame_norm = nn.Parameter(gain_tensor)
         else:
@@ -134,7 +217,7 @@ class ETFLinear(nn.Module):
         frame = None
         scale = 1.0
         if on_meta:
-            frame = torch.empty(out_features, in_features, device="meta")
+            frame = None if basis == "structured" else torch.empty(out_features, in_features, device="meta")
         elif basis not in REGENERABLE_BASES:
             frame = oriented_frame(in_features, out_features, basis, seed, weight=weight.detach())
             scale = float((weight.detach().double().cpu() * frame).sum()) / min(in_features, out_features)
@@ -158,15 +241,69 @@ class ETFLinear(nn.Module):
         """Recompute a regenerable frame in place (after loading, which leaves such buffers undefined)."""
         if not self.regenerable:
             return
+        if self.structured:
+            plan = structured_plan(self._structured_layout[0], self._structured_layout[1], self.seed)
+            with torch.no_grad():
+                for name, value in zip(_PLAN_BUFFERS, plan[4:]):
+                    buffer = self._buffers[name]
+                    buffer.copy_(value.to(device=buffer.device, dtype=buffer.dtype))
+            return
         frame = oriented_frame(self.in_features, self.out_features, self.basis, self.seed)
         with torch.no_grad():
             self.frame.copy_(frame.to(device=self.frame.device, dtype=self.frame.dtype))
+
+    def _init_structured(self, device: torch.device | str | None, dtype: torch.dtype) -> None:
+        num_vectors = min(self.in_features, self.out_features)
+        dim = max(self.in_features, self.out_features)
+        blocks = structured_blocks(dim)
+        # (K, D, blocks, helmert, transposed): D >= K always, since K is the narrow side.
+        self._structured_layout = (num_vectors, dim, blocks, False,
+                                   frame_orientation(self.in_features, self.out_features) == "rows")
+        if device is not None and torch.device(device).type == "meta":
+            size = structured_hadamard_size(dim)
+            empty = lambda *shape, dtype=dtype: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
+            plan = StructuredPlan(num_vectors, dim, blocks, False, empty(num_vectors, dtype=torch.int64),
+                                  empty(num_vectors), empty(dim, dtype=torch.int64), empty(dim, dtype=torch.int64),
+                                  empty(size, size))
+        else:
+            plan = structured_plan(num_vectors, dim, self.seed)
+        for name, value in zip(_PLAN_BUFFERS, plan[4:]):
+            value = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device=device)
+            self.register_buffer(name, value, persistent=False)
+
+    @property
+    def structured(self) -> bool:
+        return self.basis == "structured"
+
+    @property
+    def plan(self) -> StructuredPlan:
+        """The structured frame's plan, made of this layer's buffers (``structured`` basis only)."""
+        if not self.structured:
+            raise AttributeError(f"a {self.basis!r} ETFLinear has a dense frame, no structured plan")
+        num_vectors, dim, blocks, helmert, _ = self._structured_layout
+        return StructuredPlan(num_vectors, dim, blocks, helmert, *(self._buffers[name] for name in _PLAN_BUFFERS))
+
+    @property
+    def frame(self) -> torch.Tensor:
+        buffers = self.__dict__.get("_buffers", {})
+        if "frame" in buffers:
+            return buffers["frame"]
+        if self.__dict__.get("basis") == "structured":
+            plan = self.plan
+            dense = structured_dense(plan).to(plan.signs.dtype)  # D x K
+            columns = frame_orientation(self.in_features, self.out_features) == "columns"
+            return dense if columns else dense.t().contiguous()
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute 'frame'")
 
     @property
     def weight(self) -> torch.Tensor:
         return self.frame * self.frame_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.basis == "structured":
+            return _StructuredFrameLinear.apply(
+                x, self.frame_norm, self.bias, self.plan_index, self.plan_signs, self.plan_perm,
+                self.plan_inverse, self.plan_hadamard, self._structured_layout)
         return _FixedFrameLinear.apply(x, self.frame, self.frame_norm, self.bias)
 
     def extra_repr(self) -> str:

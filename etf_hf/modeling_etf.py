@@ -15,13 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import transformers
 from huggingface_hub import CommitOperationAdd, HfApi
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from .architectures import REGISTRY
 from .config import ETFConfig
-from .hub import auto_map, write_hub_files
+from .hub import auto_classes, auto_map, write_hub_files
 from .injection import apply_etf_layers, etf_layers, frame_is_stored, set_frame_stored
 
 logger = logging.getLogger("etf_hf")
@@ -149,11 +148,6 @@ def etf_model_class(vanilla: type[PreTrainedModel]) -> type[PreTrainedModel]:
     return _MODEL_CLASSES[vanilla]
 
 
-def _auto_classes() -> list[type]:
-    return [getattr(transformers, name) for name in dir(transformers)
-            if name.startswith("AutoModel") and hasattr(getattr(transformers, name), "_model_mapping")]
-
-
 def register_model_type(model_type: str) -> None:
     """Register ``etf_<model_type>`` and the ETF class of every Auto head that ``model_type`` has.
 
@@ -162,7 +156,7 @@ def register_model_type(model_type: str) -> None:
     """
     vanilla_config = AutoConfig.for_model(model_type).__class__
     config_class = etf_config_class(vanilla_config)
-    for auto_class in _auto_classes():
+    for auto_class in auto_classes():
         try:
             vanilla_model = auto_class._model_mapping[vanilla_config]
         except (KeyError, ValueError):
