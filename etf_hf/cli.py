@@ -30,10 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"etf-hf {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = commands.add_parser("train", help="train a recipe's modes side by side and compare them",
-                                description="Train every mode of a YAML recipe with transformers.Trainer and print "
-                                "a summary table; writes metrics.json, config.yaml and PNG plots to the run folder.",
+                                usage="etf-hf train [-h] [--print-config] [CONFIG.yaml] [key=value ...]",
+                                description="Train every mode of a YAML recipe with transformers.Trainer and print\n"
+                                "a summary table; writes metrics.json, config.yaml, PNG plots and each mode's\n"
+                                "trained model to the run folder (default runs/<config name>-<timestamp>).",
                                 epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+    train.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value",
                        help="recipe file (default: the packaged quickstart.yaml), then overrides")
     train.add_argument("--print-config", action="store_true",
                        help="print the recipe after overrides and validation, then exit without training")

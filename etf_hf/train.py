@@ -3,10 +3,10 @@
 The point of the command is a fair side-by-side: every mode starts from the same initial weights, sees
 the same data in the same order and uses the same `TrainingArguments`; the only difference is whether
 (and how) `etf_hf.patch` fixed the feed-forward projections. The run folder then holds what is needed
-to judge the result: ``metrics.json``, ``config.yaml`` (the resolved recipe), one PNG of the training
-losses, and each mode's trained model.
+to judge the result: ``metrics.json``, ``config.yaml`` (the resolved recipe), PNG plots of the training
+loss (and of test accuracy when the recipe evaluates during training), and each mode's trained model.
 
-A recipe has six top-level keys (see ``configs/quickstart.yaml``)::
+A recipe has these top-level keys (see ``configs/quickstart.yaml``)::
 
     task: image-classification
     model: {from_config: {model_type: vit, ...}}  # or {pretrained: path}
@@ -14,6 +14,7 @@ A recipe has six top-level keys (see ``configs/quickstart.yaml``)::
     modes: [{name: full, etf: null}, {name: etf, etf: {basis: orthogonal}}]
     training: {...}                               # passed through to TrainingArguments
     output_dir: null                              # default runs/<config-name>-<timestamp>
+    torch_threads: 1                              # optional; null keeps torch's default
 
 Mistakes raise `ConfigError` naming the key (``training.lerning_rate``, ``modes[1].etf.basis``), before
 any training starts, so a typo never costs a finished baseline run.
@@ -36,12 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from huggingface_hub.errors import StrictDataclassError
 
 #: The recipe `etf-hf train` runs when given no file; shipped inside the package so a plain
 #: ``pip install`` has it. The top-level ``configs/quickstart.yaml`` is the same file (a test keeps them equal).
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
 
-TOP_LEVEL_KEYS = ("task", "model", "data", "modes", "training", "output_dir")
+TOP_LEVEL_KEYS = ("task", "model", "data", "modes", "training", "output_dir", "torch_threads")
 REQUIRED_KEYS = ("task", "model", "data", "modes", "training")
 _MODE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 #: Model config keys the data decides; letting a recipe set them could only make them disagree.
@@ -136,6 +138,7 @@ class RunSpec:
     modes: list[ModeSpec]
     training: dict[str, Any]
     output_dir: Path | None
+    torch_threads: int | None
     raw: dict[str, Any]
 
 
@@ -148,14 +151,16 @@ def _expect(value: Any, kinds: type | tuple[type, ...], key: str, what: str) -> 
     return value
 
 
-def _reject_unknown(mapping: dict[str, Any], allowed: tuple[str, ...] | list[str], where: str) -> None:
+def _reject_unknown(mapping: dict[str, Any], allowed: tuple[str, ...] | list[str], where: str,
+                    allowed_text: str | None = None) -> None:
+    """Unknown keys are errors, not warnings: a misspelt key would otherwise silently keep its default."""
     for key in mapping:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             prefix = f"{where}." if where else ""
-            raise ConfigError(f"unknown key {prefix}{key}{hint}; allowed keys{' in ' + where if where else ''}: "
-                              f"{', '.join(allowed)}")
+            listing = allowed_text or f"allowed keys{' in ' + where if where else ''}: {', '.join(allowed)}"
+            raise ConfigError(f"unknown key {prefix}{key}{hint}; {listing}")
 
 
 def validate(raw: dict[str, Any], name: str = "config") -> RunSpec:
@@ -165,14 +170,20 @@ def validate(raw: dict[str, Any], name: str = "config") -> RunSpec:
         if key not in raw:
             raise ConfigError(f"missing required key {key!r}; a recipe needs {', '.join(REQUIRED_KEYS)}")
     task = _validate_task(raw["task"])
+    data = _validate_data(raw["data"], task)
     output_dir = raw.get("output_dir")
     if output_dir is not None:
         output_dir = Path(_expect(output_dir, str, "output_dir", "a folder path (string) or null"))
-    return RunSpec(
-        name=name, task=task.name, model=_validate_model(raw["model"]), data=_validate_data(raw["data"], task),
-        modes=_validate_modes(raw["modes"]), training=_validate_training(raw["training"]),
-        output_dir=output_dir, raw=raw,
+    threads = raw.get("torch_threads")
+    if threads is not None and (_expect(threads, int, "torch_threads", "a positive integer or null") < 1):
+        raise ConfigError(f"torch_threads must be a positive integer or null, got {threads}")
+    spec = RunSpec(
+        name=name, task=task.name, model=_validate_model(raw["model"], task.sources[data["source"]].input_facts),
+        data=data, modes=_validate_modes(raw["modes"]), training=_validate_training(raw["training"]),
+        output_dir=output_dir, torch_threads=threads, raw=raw,
     )
+    _check_modes_fit_model(spec)
+    return spec
 
 
 def _validate_task(value: Any) -> Task:
@@ -182,19 +193,37 @@ def _validate_task(value: Any) -> Task:
     return TASKS[value]
 
 
-def _validate_model(value: Any) -> dict[str, Any]:
+def _validate_model(value: Any, input_facts: dict[str, int]) -> dict[str, Any]:
+    """Check the model section, loading only configs (never weights), and that it fits the data's inputs."""
     _expect(value, dict, "model", "a mapping with 'from_config' or 'pretrained'")
     _reject_unknown(value, ("from_config", "pretrained"), "model")
     if len(value) != 1:
         raise ConfigError("model needs exactly one of model.from_config (build from a config) or model.pretrained (a path)")
     if "pretrained" in value:
-        _expect(value["pretrained"], str, "model.pretrained", "a model folder path (string)")
-        return value
-    kwargs = _expect(value["from_config"], dict, "model.from_config", "a mapping with model_type and config kwargs")
-    model_type = _expect(kwargs.get("model_type"), str, "model.from_config.model_type",
-                         "a transformers model type such as 'vit'")
+        _validate_pretrained(value["pretrained"], input_facts)
+    else:
+        _validate_from_config(value["from_config"], input_facts)
+    return value
+
+
+def _validate_pretrained(path: Any, input_facts: dict[str, int]) -> None:
     from transformers import AutoConfig
 
+    _expect(path, str, "model.pretrained", "a model folder path (string)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.pretrained {path!r} could not be loaded: {error}") from None
+    _check_input_facts(config, input_facts, "model.pretrained")
+
+
+def _validate_from_config(kwargs: Any, input_facts: dict[str, int]) -> None:
+    """Every key must be a setting of the model type's config: transformers would silently keep a typo."""
+    from transformers import AutoConfig
+
+    _expect(kwargs, dict, "model.from_config", "a mapping with model_type and config kwargs")
+    model_type = _expect(kwargs.get("model_type"), str, "model.from_config.model_type",
+                         "a transformers model type such as 'vit'")
     try:
         defaults = AutoConfig.for_model(model_type)
     except ValueError:
@@ -205,7 +234,20 @@ def _validate_model(value: Any) -> dict[str, Any]:
             raise ConfigError(f"model.from_config.{key} is set from the data's labels; remove it")
         if key != "model_type" and not hasattr(defaults, key):
             raise ConfigError(f"unknown key model.from_config.{key}: {type(defaults).__name__} has no such setting")
-    return value
+    try:
+        config = AutoConfig.for_model(**kwargs)
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        raise ConfigError(f"model.from_config: {type(defaults).__name__} rejected the settings: {error}") from None
+    _check_input_facts(config, input_facts, "model.from_config")
+
+
+def _check_input_facts(config: Any, facts: dict[str, int], where: str) -> None:
+    """The model must accept what the data source produces (e.g. 8x8 single-channel images)."""
+    for key, wanted in facts.items():
+        have = getattr(config, key, wanted)
+        values = set(have) if isinstance(have, (list, tuple)) else {have}  # image_size may be [8, 8]
+        if values != {wanted}:
+            raise ConfigError(f"{where}.{key} is {have!r}, but data.source gives {key}={wanted}")
 
 
 def _validate_data(value: Any, task: Task) -> dict[str, Any]:
@@ -248,6 +290,27 @@ def _validate_modes(value: Any) -> list[ModeSpec]:
     return modes
 
 
+def _check_modes_fit_model(spec: RunSpec) -> None:
+    """Surface patch-time errors (``layers: last:9`` on a 4-block model) now, not after the first mode trained.
+
+    The model is built on the meta device: structure only, no memory, whatever its size.
+    """
+    from .architectures import find_slots
+
+    etf_modes = [(i, mode) for i, mode in enumerate(spec.modes) if mode.etf is not None]
+    if not etf_modes:
+        return
+    with torch.device("meta"):
+        skeleton = TASKS[spec.task].auto_class.from_config(model_config(spec))
+    for i, mode in etf_modes:
+        try:
+            slots = find_slots(skeleton, mode.etf)
+        except ValueError as error:
+            raise ConfigError(f"modes[{i}].etf: {error}") from None
+        if not slots:
+            raise ConfigError(f"modes[{i}].etf selects no feed-forward projection of {type(skeleton).__name__}")
+
+
 def _validate_training(value: Any) -> dict[str, Any]:
     """Check keys and simple types against `TrainingArguments`, then build it once to surface its own errors."""
     from transformers import TrainingArguments
@@ -256,7 +319,7 @@ def _validate_training(value: Any) -> dict[str, Any]:
     fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
     if "output_dir" in value:
         raise ConfigError("training.output_dir is set per mode by etf-hf; use the top-level output_dir instead")
-    _reject_unknown(value, sorted(fields), "training")
+    _reject_unknown(value, sorted(fields), "training", "allowed keys are the fields of transformers.TrainingArguments")
     training = {key: _coerce_training_value(key, val, fields[key].type) for key, val in value.items()}
     try:
         TrainingArguments(output_dir="unused", **training)
@@ -307,7 +370,14 @@ class DataSplits:
     train: DictDataset
     test: DictDataset
     label_names: list[str]
-    #: Facts the model config must agree with (e.g. ``image_size``, ``num_channels``).
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A loader ``(test_fraction, seed) -> DataSplits`` and the input facts a model config must agree
+    with (e.g. ``image_size``), declared up front so a mismatch is caught while validating the recipe."""
+
+    load: Callable[[float, int], DataSplits]
     input_facts: dict[str, int]
 
 
@@ -328,8 +398,7 @@ def sklearn_digits(test_fraction: float, seed: int) -> DataSplits:
         index = torch.as_tensor(idx)
         return DictDataset({"pixel_values": images[index]}, labels[index])
 
-    return DataSplits(split(train_idx), split(test_idx), [str(n) for n in digits.target_names],
-                      {"image_size": 8, "num_channels": 1})
+    return DataSplits(split(train_idx), split(test_idx), [str(n) for n in digits.target_names])
 
 
 @dataclass(frozen=True)
@@ -342,7 +411,7 @@ class Task:
 
     name: str
     auto_class_name: str
-    sources: dict[str, Callable[[float, int], DataSplits]]
+    sources: dict[str, DataSource]
 
     @property
     def auto_class(self) -> Any:
@@ -353,12 +422,12 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "image-classification": Task("image-classification", "AutoModelForImageClassification",
-                                 {"sklearn_digits": sklearn_digits}),
+                                 {"sklearn_digits": DataSource(sklearn_digits, {"image_size": 8, "num_channels": 1})}),
 }
 
 
 def load_data(spec: RunSpec) -> DataSplits:
-    return TASKS[spec.task].sources[spec.data["source"]](spec.data["test_fraction"], spec.data["seed"])
+    return TASKS[spec.task].sources[spec.data["source"]].load(spec.data["test_fraction"], spec.data["seed"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,9 +435,18 @@ def load_data(spec: RunSpec) -> DataSplits:
 # --------------------------------------------------------------------------------------------------
 
 
+def model_config(spec: RunSpec, **overrides: Any) -> Any:
+    """The transformers config of the recipe's model (loaded from the folder for ``pretrained``)."""
+    from transformers import AutoConfig
+
+    if "pretrained" in spec.model:
+        return AutoConfig.from_pretrained(spec.model["pretrained"], **overrides)
+    return AutoConfig.for_model(**spec.model["from_config"], **overrides)
+
+
 def build_model(spec: RunSpec, data: DataSplits, seed: int) -> Any:
     """A fresh model for one mode; seeded, so every mode starts from the same initial weights."""
-    from transformers import AutoConfig, set_seed
+    from transformers import set_seed
 
     task = TASKS[spec.task]
     labels = {"num_labels": len(data.label_names), "id2label": dict(enumerate(data.label_names)),
@@ -377,24 +455,10 @@ def build_model(spec: RunSpec, data: DataSplits, seed: int) -> Any:
     if "pretrained" in spec.model:
         path = spec.model["pretrained"]
         try:
-            model = task.auto_class.from_pretrained(path, ignore_mismatched_sizes=True, **labels)
+            return task.auto_class.from_pretrained(path, ignore_mismatched_sizes=True, **labels)
         except (OSError, ValueError) as error:
             raise ConfigError(f"model.pretrained {path!r} could not be loaded: {error}") from None
-        where = "model.pretrained"
-    else:
-        kwargs = dict(spec.model["from_config"])
-        model_type = kwargs.pop("model_type")
-        model = task.auto_class.from_config(AutoConfig.for_model(model_type, **kwargs, **labels))
-        where = "model.from_config"
-    _check_input_facts(model.config, data.input_facts, where)
-    return model
-
-
-def _check_input_facts(config: Any, facts: dict[str, int], where: str) -> None:
-    for key, wanted in facts.items():
-        have = getattr(config, key, wanted)
-        if have != wanted:
-            raise ConfigError(f"{where}.{key} is {have}, but data.source gives {key}={wanted}")
+    return task.auto_class.from_config(model_config(spec, **labels))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -408,30 +472,49 @@ def accuracy(eval_prediction: Any) -> dict[str, float]:
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
+def mode_model(spec: RunSpec, mode: ModeSpec, data: DataSplits, seed: int) -> Any:
+    """The mode's model: built fresh, then patched when the mode has ETF settings."""
+    from .patch import patch
+
+    model = build_model(spec, data, seed)
+    if mode.etf is not None:
+        try:
+            patch(model, mode.etf)
+        except ValueError as error:  # e.g. a pretrained checkpoint already patched differently
+            raise ConfigError(f"mode {mode.name!r}: etf_hf.patch refused its etf settings: {error}") from None
+    return model
+
+
 def train_mode(spec: RunSpec, mode: ModeSpec, data: DataSplits, run_dir: Path) -> dict[str, Any]:
-    """Build, optionally patch, train and test one mode; returns its row of metrics.json."""
+    """Build, train, test and save one mode; returns its row of metrics.json.
+
+    The test split is also the eval set when the recipe turns on ``eval_strategy`` (there is no separate
+    validation split), so do not combine that with ``load_best_model_at_end``.
+    """
     from transformers import Trainer, TrainingArguments
 
-    from .patch import parameter_summary, patch
+    from .patch import parameter_summary
 
     mode_dir = run_dir / mode.name
     args = TrainingArguments(output_dir=str(mode_dir), **spec.training)
-    model = build_model(spec, data, args.seed)
-    if mode.etf is not None:
-        patch(model, mode.etf)
+    model = mode_model(spec, mode, data, args.seed)
     params = parameter_summary(model)
     print(f"\n=== mode {mode.name!r}: {params['trainable']:,} of {params['total']:,} weights trainable "
           f"({100 * params['trainable'] / params['total']:.1f}%), {params['etf_fixed']:,} fixed in ETF frames ===",
           flush=True)
-    evaluating = args.eval_strategy != "no"
     trainer = Trainer(model=model, args=args, train_dataset=data.train,
-                      eval_dataset=data.test if evaluating else None, compute_metrics=accuracy)
+                      eval_dataset=data.test if args.eval_strategy != "no" else None, compute_metrics=accuracy)
     start = time.perf_counter()
     trainer.train()
     train_time = time.perf_counter() - start
     test = trainer.evaluate(eval_dataset=data.test, metric_key_prefix="test")
     trainer.save_model(str(mode_dir))
-    history = trainer.state.log_history
+    return _mode_row(mode, params, test, train_time, trainer.state, mode_dir)
+
+
+def _mode_row(mode: ModeSpec, params: dict[str, int], test: dict[str, float], train_time: float, state: Any,
+              mode_dir: Path) -> dict[str, Any]:
+    history = state.log_history
     return {
         "name": mode.name,
         "etf": None if mode.etf is None else mode.etf.to_dict(),
@@ -442,7 +525,7 @@ def train_mode(spec: RunSpec, mode: ModeSpec, data: DataSplits, run_dir: Path) -
         "etf_fixed_params": params["etf_fixed"],
         "trainable_percent": 100 * params["trainable"] / params["total"],
         "train_time_s": train_time,
-        "steps": trainer.state.global_step,
+        "steps": state.global_step,
         "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         "eval_accuracy": [{"step": h["step"], "accuracy": h["eval_accuracy"]} for h in history if "eval_accuracy" in h],
         "model_dir": str(mode_dir),
@@ -459,12 +542,27 @@ def default_run_dir(name: str) -> Path:
 
 
 def run(spec: RunSpec) -> dict[str, Any]:
-    """Train every mode, write metrics.json, config.yaml and the loss plot; returns the metrics."""
+    """Train every mode, write metrics.json, config.yaml and the plots; returns the metrics.
+
+    ``torch_threads`` applies for the run only. Small models want 1: their matmuls gain little from
+    splitting, and with other processes sharing a 2-core machine, 2 threads measured over ten times
+    slower per step than 1 (threads spin-wait for each other instead of yielding the core).
+    """
+    previous_threads = torch.get_num_threads()
+    if spec.torch_threads is not None:
+        torch.set_num_threads(spec.torch_threads)
+    try:
+        return _run(spec)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(spec: RunSpec) -> dict[str, Any]:
+    started = time.perf_counter()
+    data = load_data(spec)
     run_dir = spec.output_dir or default_run_dir(spec.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False), encoding="utf-8")
-    started = time.perf_counter()
-    data = load_data(spec)
     modes = [train_mode(spec, mode, data, run_dir) for mode in spec.modes]
     metrics = {
         "config_name": spec.name,
@@ -475,10 +573,10 @@ def run(spec: RunSpec) -> dict[str, Any]:
                  "num_labels": len(data.label_names)},
         "environment": _environment(),
         "total_time_s": time.perf_counter() - started,
+        "plots": [str(path) for path in write_plots(modes, run_dir)],
         "modes": modes,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    metrics["plots"] = [str(p) for p in write_plots(modes, run_dir)]
     return metrics
 
 
@@ -535,7 +633,10 @@ def format_table(modes: list[dict[str, Any]]) -> str:
              f"{m['trainable_percent']:.1f}%", f"{m['etf_fixed_params']:,}", f"{m['train_time_s']:.1f} s")
             for m in modes]
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    line = lambda row: "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))  # noqa: E731
+
+    def line(row: tuple[str, ...]) -> str:  # mode names left-aligned, numbers right-aligned
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(row) for row in rows)])
 
 

@@ -1,0 +1,126 @@
+"""`etf-hf train`: a tiny end-to-end run, the packaged default recipe, and recipe errors that name their key."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from etf_hf import cli
+from etf_hf.train import DEFAULT_CONFIG, ConfigError, apply_overrides, load_config, validate
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: Shrinks the quickstart to seconds: a 1-block, 16-wide ViT and 3 optimizer steps per mode.
+TINY = ["model.from_config.hidden_size=16", "model.from_config.num_hidden_layers=1",
+        "model.from_config.num_attention_heads=2", "model.from_config.intermediate_size=32",
+        "training.max_steps=3", "training.logging_steps=1", "training.per_device_train_batch_size=64",
+        "training.disable_tqdm=true"]
+
+
+def test_tiny_run_writes_metrics_plot_and_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(DEFAULT_CONFIG.read_text())
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", str(recipe), *TINY, f"output_dir={run_dir}"]) == 0
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    modes = {m["name"]: m for m in metrics["modes"]}
+    assert set(modes) == {"full", "etf"}
+    assert metrics["config_name"] == "tiny"
+    assert modes["etf"]["trainable_params"] < modes["full"]["trainable_params"]
+    assert modes["full"]["trainable_percent"] == 100 and modes["etf"]["etf_fixed_params"] > 0
+    for mode in modes.values():
+        assert mode["steps"] == 3 and len(mode["train_loss"]) == 3
+        assert 0 <= mode["test_accuracy"] <= 1
+
+    png = (run_dir / "training_loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    from matplotlib.image import imread
+    assert imread(run_dir / "training_loss.png").ndim == 3
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["training"]["max_steps"] == 3
+
+    table = capsys.readouterr().out
+    assert "test acc" in table and "trainable %" in table and "\netf " in table
+
+    from transformers import AutoModelForImageClassification
+    reloaded = AutoModelForImageClassification.from_pretrained(run_dir / "etf")
+    assert reloaded.config.etf["basis"] == "orthogonal"
+
+
+def test_packaged_default_config_is_the_quickstart(capsys: pytest.CaptureFixture[str]) -> None:
+    raw, name = load_config(None)
+    spec = validate(raw, name)
+    assert name == "quickstart" and spec.task == "image-classification"
+    assert [m.name for m in spec.modes] == ["full", "etf"]
+    assert spec.modes[0].etf is None and spec.modes[1].etf.basis == "orthogonal"
+    assert cli.main(["train", "--print-config"]) == 0
+    assert "sklearn_digits" in capsys.readouterr().out
+    top_level = REPO_ROOT / "configs" / "quickstart.yaml"
+    assert DEFAULT_CONFIG.read_text() == top_level.read_text(), (
+        f"the packaged recipe drifted from the canonical one: cp {top_level} {DEFAULT_CONFIG}")
+
+
+def test_overrides_address_nested_keys_and_list_items() -> None:
+    config = {"training": {"seed": 0}, "modes": [{"name": "a", "etf": None}, {"name": "b", "etf": {}}]}
+    apply_overrides(config, ["training.seed=3", "training.bf16=false", "modes.1.etf.basis=canonical",
+                             "modes.0.etf=null", "output_dir=runs/x", "training.report_to=[]"])
+    assert config["training"] == {"seed": 3, "bf16": False, "report_to": []}
+    assert config["modes"][1]["etf"] == {"basis": "canonical"}
+    assert config["output_dir"] == "runs/x"
+
+
+def test_yaml_exponent_without_dot_is_read_as_a_float() -> None:
+    raw, name = load_config(None)
+    spec = validate(apply_overrides(raw, ["training.learning_rate=1e-3"]), name)
+    assert spec.training["learning_rate"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["bogus=1"], ["bogus", "task, model, data, modes, training, output_dir, torch_threads"]),
+    (["torch_threads=0"], ["torch_threads", "positive integer"]),
+    (["task=translation"], ["task 'translation'", "image-classification"]),
+    (["training=5"], ["training must be", "int"]),
+    (["data.test_fraction=abc"], ["data.test_fraction", "number"]),
+    (["data.source=mnist"], ["data.source 'mnist'", "sklearn_digits"]),
+    (["training.lerning_rate=0.1"], ["training.lerning_rate", "'learning_rate'"]),
+    (["training.max_steps=many"], ["training.max_steps", "int"]),
+    (["training.output_dir=x"], ["training.output_dir", "top-level output_dir"]),
+    (["model.from_config.hidden_sise=8"], ["model.from_config.hidden_sise"]),
+    (["model.from_config.model_type=nope"], ["model.from_config.model_type 'nope'"]),
+    (["model.from_config.image_size=28"], ["model.from_config.image_size", "image_size=8"]),
+    (["model.pretrained=/no/such/model"], ["model", "exactly one of"]),
+    (["modes.1.etf.basis=fancy"], ["modes[1].etf", "basis", "orthogonal"]),
+    (["modes.1.etf.colour=red"], ["modes[1].etf.colour"]),
+    (["modes.1.etf.layers=last:9"], ["modes[1].etf", "only 4 blocks"]),
+    (["modes.1.name=full"], ["modes[1].name 'full'", "unique"]),
+    (["modes=[]"], ["modes must list at least one mode"]),
+    (["training.seed=1", "training.seed"], ["override 'training.seed'", "key.subkey=value"]),
+])
+def test_recipe_errors_name_the_key(overrides: list[str], expected: list[str],
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["train", *overrides, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("etf-hf: error: ") and "Traceback" not in err
+    for fragment in expected:
+        assert fragment in err
+
+
+def test_missing_pretrained_path_and_missing_file_are_named(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    raw, name = load_config(None)
+    raw["model"] = {"pretrained": str(tmp_path / "no-model")}
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        validate(raw, name)
+    assert cli.main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml' not found" in capsys.readouterr().err
+
+
+def test_python_dash_m_shows_train_help() -> None:
+    result = subprocess.run([sys.executable, "-m", "etf_hf", "train", "--help"], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "CONFIG.yaml" in result.stdout and "key=value" in result.stdout
