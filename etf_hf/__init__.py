@@ -7,14 +7,19 @@ from .config import FORMAT_VERSION, ETFConfig
 from .etf import BASES, simplex_etf
 from .layers import ETFLinear
 from .modeling_etf import register_model_type, register_registry_architectures
+from .models import CollapseMLPConfig, MLPForImageClassification, register_auto_classes
 from .injection import etf_layers, parameter_summary
 from .patch import lock_blocks, materialize, patch, print_trainable_parameters
+from .collapse import CollapseReport, collapse_report, plot_collapse
+from .adaptive import AdaptiveETFCallback
 
 __version__ = "0.1.0"
 
+register_auto_classes()  # before the next line, which derives etf_collapse_mlp from collapse_mlp's Auto entries
 register_registry_architectures()
 
 __all__ = [
-    "BASES", "ETFConfig", "ETFLinear", "FORMAT_VERSION", "etf_layers", "lock_blocks", "materialize",
-    "parameter_summary", "patch", "print_trainable_parameters", "register_model_type", "simplex_etf",
+    "AdaptiveETFCallback", "BASES", "CollapseMLPConfig", "CollapseReport", "ETFConfig", "ETFLinear", "FORMAT_VERSION",
+    "MLPForImageClassification", "collapse_report", "etf_layers", "lock_blocks", "materialize", "parameter_summary",
+    "patch", "plot_collapse", "print_trainable_parameters", "register_model_type", "simplex_etf",
 ]

@@ -59,6 +59,10 @@ REGISTRY: tuple[Architecture, ...] = (
         Projection("LlamaMLP", "up_proj", "up", "linear"),
         Projection("LlamaMLP", "down_proj", "down", "linear"),
     )),
+    # etf_hf.models.MLPForImageClassification, the paper's MLP: each block's square H x H hidden layer
+    Architecture(("collapse_mlp",), (
+        Projection("CollapseMLPBlock", "linear", "up", "linear"),
+    )),
 )
 
 #: Attribute groups that identify an FFN in architectures without an entry: a module owning every

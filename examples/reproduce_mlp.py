@@ -1,0 +1,267 @@
+"""Reproduce the paper's MLP experiment on Fashion-MNIST: baseline, fixed-ETF classifier, fixed-ETF last
+k hidden layers, and Adaptive-ETF (blocks locked to their nearest ETF once their NCC accuracy stays above
+a threshold), over several seeds.
+
+Every mode of a seed starts from the same initial weights (the model is built after the same seed) and
+sees the same data order (Trainer's seed), so modes differ only in what is fixed. Per mode it prints the
+final-epoch test accuracy (mean ± sd over seeds), the trainable parameters at the end and, for
+Adaptive-ETF, the epoch at which each block locked in each seed; it writes ``metrics.json`` and
+``ncc_curves.png`` (NCC accuracy of every block per epoch, first seed, one panel per mode).
+
+    python examples/reproduce_mlp.py                      # configs/mlp_fashion_mnist.yaml, the full run
+    python examples/reproduce_mlp.py --set training.epochs=2 seeds=[0] data.train_limit=2000   # a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+import yaml
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+import etf_hf
+from etf_hf import AdaptiveETFCallback, CollapseMLPConfig, ETFConfig, MLPForImageClassification, collapse_report
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "mlp_fashion_mnist.yaml"
+#: Fashion-MNIST training-set pixel mean and std (of x / 255).
+MEAN, STD = 0.2860, 0.3530
+DEBIAN_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the original MNIST format, gzipped or not) as a numpy array."""
+    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    dims = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def debian_files() -> dict[str, Path] | None:
+    """Paths of the four IDX files installed by Debian's ``dataset-fashion-mnist``, or None."""
+    try:
+        listing = subprocess.run(["dpkg", "-L", "dataset-fashion-mnist"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    found = {}
+    for line in listing.stdout.splitlines():
+        path = Path(line)
+        stem = path.name.removesuffix(".gz")
+        if path.is_file() and stem in sum(DEBIAN_FILES.values(), ()):
+            found[stem] = path
+    return found if len(found) == 4 else None
+
+
+def load_fashion_mnist(data: dict[str, Any]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
+    """{"train": (images uint8 (N,28,28), labels int64), "test": ...} and a description of the source."""
+    source = data["source"]
+    files = debian_files() if source in ("auto", "debian") else None
+    if source == "debian" and files is None:
+        raise SystemExit("data.source=debian, but dataset-fashion-mnist is not installed (apt install dataset-fashion-mnist)")
+    splits = {}
+    if files is not None:
+        for split, (images, labels) in DEBIAN_FILES.items():
+            splits[split] = (_read_idx(files[images]), _read_idx(files[labels]).astype(np.int64))
+        description = f"Debian dataset-fashion-mnist ({files[DEBIAN_FILES['train'][0]].parent})"
+    else:
+        directory = (REPO_ROOT / data["shared_dir"]).resolve()
+        for split in ("train", "test"):
+            with np.load(directory / f"{split}.npz") as arrays:
+                splits[split] = (arrays["images"], arrays["labels"].astype(np.int64))
+        description = f"class-balanced subset in {directory}"
+    for split in ("train", "test"):
+        limit = data.get(f"{split}_limit")
+        if limit:
+            splits[split] = tuple(array[:limit] for array in splits[split])
+    return splits, description
+
+
+class FashionDataset(torch.utils.data.Dataset):
+    """Normalised flat pixels (784,) and labels, held as two tensors (the whole set is ~200 MB at most)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        pixels = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+        self.pixels = (pixels - MEAN) / STD
+        self.labels = torch.from_numpy(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixels[index], "labels": self.labels[index]}
+
+
+# ---- training -------------------------------------------------------------------------------------------
+
+
+class NCCMonitor(TrainerCallback):
+    """Per-block NCC accuracy on the probe at each epoch end, in the same form as `AdaptiveETFCallback.history`
+    (which the adaptive mode uses instead, so its probe is measured once per epoch)."""
+
+    def __init__(self, probe: torch.utils.data.Dataset) -> None:
+        self.probe = probe
+        self.history: list[dict[str, Any]] = []
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        report = collapse_report(model, self.probe, batch_size=512)
+        self.history.append({"step": state.global_step, "epoch": state.epoch, "ncc": report.ncc})
+
+
+def accuracy(prediction: transformers.EvalPrediction) -> dict[str, float]:
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+def train_one(mode: dict[str, Any], seed: int, config: dict[str, Any], datasets: dict[str, Any],
+              run_dir: Path) -> dict[str, Any]:
+    training = config["training"]
+    set_seed(seed)
+    model = MLPForImageClassification(CollapseMLPConfig(**config["model"], num_labels=10))
+    if mode.get("etf"):
+        etf_hf.patch(model, ETFConfig(**mode["etf"]))
+    args = TrainingArguments(
+        output_dir=str(run_dir / mode["name"] / f"seed{seed}"), num_train_epochs=training["epochs"],
+        per_device_train_batch_size=training["batch_size"], per_device_eval_batch_size=1024,
+        learning_rate=training["learning_rate"], optim="sgd", optim_args=f"momentum={training['momentum']}",
+        weight_decay=training["weight_decay"], lr_scheduler_type=training["lr_scheduler"],
+        eval_strategy="epoch", logging_strategy="epoch", save_strategy="no", report_to="none", seed=seed,
+        dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+    trainer = Trainer(model=model, args=args, train_dataset=datasets["train"], eval_dataset=datasets["test"],
+                      compute_metrics=accuracy)
+    if mode.get("adaptive"):
+        monitor = AdaptiveETFCallback(datasets["probe"], every="epoch", batch_size=512,
+                                      **mode["adaptive"]).attach(trainer)
+    else:
+        monitor = NCCMonitor(datasets["probe"])
+        trainer.add_callback(monitor)
+    started = time.time()
+    trainer.train()
+    accuracies = [e["eval_accuracy"] for e in trainer.state.log_history if "eval_accuracy" in e]
+    epoch_of_step = {entry["step"]: round(entry["epoch"]) for entry in monitor.history}
+    lock_epochs = ({str(block): epoch_of_step[step] for block, step in sorted(monitor.lock_steps.items())}
+                   if isinstance(monitor, AdaptiveETFCallback) else {})
+    return {"seed": seed, "adaptive": isinstance(monitor, AdaptiveETFCallback), "test_accuracy": accuracies[-1], "test_accuracy_per_epoch": accuracies,
+            "trainable_params": etf_hf.parameter_summary(model)["trainable"], "lock_epochs": lock_epochs,
+            "ncc_history": monitor.history, "train_seconds": round(time.time() - started, 1)}
+
+
+# ---- reporting ------------------------------------------------------------------------------------------
+
+
+def summarise(results: dict[str, list[dict[str, Any]]]) -> str:
+    lines = [f"{'mode':<16} {'test acc % (final epoch)':>24} {'trainable':>10}  lock epochs per seed (block@epoch)"]
+    for name, runs in results.items():
+        values = [100 * r["test_accuracy"] for r in runs]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        locks = "; ".join(f"seed {r['seed']}: " + (", ".join(f"b{b}@{e}" for b, e in r["lock_epochs"].items()) or "none")
+                          for r in runs) if runs[0]["adaptive"] else "-"
+        trainable = "/".join(f"{t:,}" for t in sorted({r["trainable_params"] for r in runs}))
+        lines.append(f"{name:<16} {statistics.mean(values):>17.2f} ± {spread:<4.2f} {trainable:>10}  {locks}")
+    return "\n".join(lines)
+
+
+def plot_ncc_curves(results: dict[str, list[dict[str, Any]]], path: Path, threshold: float | None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.4), sharey=True, squeeze=False)
+    for axis, (name, runs) in zip(axes[0], results.items()):
+        history = runs[0]["ncc_history"]
+        epochs = [entry["epoch"] for entry in history]
+        for block in range(len(history[0]["ncc"])):
+            axis.plot(epochs, [entry["ncc"][block] for entry in history], marker=".", label=f"block {block}")
+        for block, epoch in runs[0]["lock_epochs"].items():
+            axis.axvline(epoch, color=f"C{block}", linestyle=":", alpha=0.7)
+        if threshold is not None:
+            axis.axhline(threshold, color="grey", linestyle="--", linewidth=0.8)
+        axis.set(title=f"{name} (seed {runs[0]['seed']})", xlabel="epoch")
+    axes[0][0].set_ylabel("NCC accuracy (train probe)")
+    axes[0][-1].legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def set_key(config: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.0.c=value`` override (list items by index); the key must already exist."""
+    key, sep, text = assignment.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {assignment!r}: expected KEY=VALUE")
+    *path, last = key.split(".")
+    node: Any = config
+    try:
+        for part in path:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        index = int(last) if isinstance(node, list) else last
+        if isinstance(node, dict) and last not in node:
+            raise KeyError(last)
+        node[index] = yaml.safe_load(text)
+    except (KeyError, IndexError, ValueError, TypeError):
+        raise SystemExit(f"--set {assignment!r}: no such key in the config") from None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys, values parsed as YAML: training.epochs=2 seeds=[0] "
+                             "data.train_limit=2000 modes.3.adaptive.patience=1")
+    parser.add_argument("--modes", nargs="+", help="run only these modes (by name)")
+    parser.add_argument("--output-dir", type=Path, help="overrides output_dir")
+    options = parser.parse_args()
+
+    config = yaml.safe_load(options.config.read_text())
+    for assignment in options.set:
+        set_key(config, assignment)
+    modes = [m for m in config["modes"] if not options.modes or m["name"] in options.modes]
+    if not modes:
+        raise SystemExit(f"--modes {options.modes}: known modes are {[m['name'] for m in config['modes']]}")
+    run_dir = Path(options.output_dir or REPO_ROOT / config["output_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    splits, source = load_fashion_mnist(config["data"])
+    datasets = {split: FashionDataset(*arrays) for split, arrays in splits.items()}
+    probe_images, probe_labels = (array[:config["data"]["probe_size"]] for array in splits["train"])
+    datasets["probe"] = FashionDataset(probe_images, probe_labels)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"data: {source}; train {len(datasets['train'])}, test {len(datasets['test'])}, "
+          f"probe {len(datasets['probe'])}; device: {device}")
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    for mode in modes:
+        for seed in config["seeds"]:
+            outcome = train_one(mode, seed, config, datasets, run_dir)
+            results.setdefault(mode["name"], []).append(outcome)
+            print(f"  {mode['name']:<16} seed {seed}: test accuracy {100 * outcome['test_accuracy']:.2f} %, "
+                  f"{outcome['train_seconds']} s", flush=True)
+
+    table = summarise(results)
+    print("\n" + table)
+    adaptive = next((m["adaptive"] for m in modes if m.get("adaptive")), {})
+    curves = plot_ncc_curves(results, run_dir / "ncc_curves.png", adaptive.get("threshold", 0.9))
+    metrics = {"config": config, "data_source": source, "device": device, "table": table,
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "etf_hf": etf_hf.__version__, "python": platform.python_version()},
+               "results": results}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(f"\nwrote {run_dir / 'metrics.json'} and {curves}")
+
+
+if __name__ == "__main__":
+    main()
