@@ -26,6 +26,24 @@ from .etf import REGENERABLE_BASES, StructuredPlan, simplex_etf, structured_appl
 _PLAN_BUFFERS = ("plan_index", "plan_signs", "plan_perm", "plan_inverse", "plan_hadamard")
 
 
+def _input_gain_bias_grads(ctx, grad_out: torch.Tensor, back: torch.Tensor | None, gain: torch.Tensor,
+                           saved_activation: torch.Tensor | None, needs_x: bool, needs_bias: bool):
+    """The gradients both fixed-frame functions share, given ``back`` = grad_out through the frame.
+
+    The gain's gradient <grad_out, frame x> is taken on whichever side was saved in forward: the
+    pre-gain output (with grad_out) or the input (with ``back``); float32 accumulation either way.
+    """
+    grad_x = (back * gain.to(ctx.compute_dtype)).to(ctx.input_dtype) if needs_x else None
+    grad_gain = None
+    if saved_activation is not None:
+        partner = grad_out if ctx.save_pre_gain else back
+        grad_gain = (partner.float() * saved_activation.float()).sum().to(gain.dtype).reshape(gain.shape)
+    grad_bias = None
+    if ctx.bias_dtype is not None and needs_bias:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+    return grad_x, grad_gain, grad_bias
+
+
 class _FixedFrameLinear(torch.autograd.Function):
     """y = gain * (x @ frame^T) + bias with a fixed frame.
 
@@ -63,17 +81,12 @@ class _FixedFrameLinear(torch.autograd.Function):
         frame, gain = saved[:2]
         compute_dtype = ctx.compute_dtype
         grad_out = grad_out.to(compute_dtype)
-        grad_x = grad_gain = grad_bias = None
         frame_grad = None
         if ctx.needs_input_grad[0] or (ctx.needs_input_grad[2] and not ctx.save_pre_gain):
             frame_grad = grad_out @ frame.to(compute_dtype)
-        if ctx.needs_input_grad[0]:
-            grad_x = (frame_grad * gain.to(compute_dtype)).to(ctx.input_dtype)
-        if ctx.needs_input_grad[2]:
-            partner = grad_out if ctx.save_pre_gain else frame_grad
-            grad_gain = (partner.float() * saved[2].float()).sum().to(gain.dtype).reshape(gain.shape)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+        grad_x, grad_gain, grad_bias = _input_gain_bias_grads(
+            ctx, grad_out, frame_grad, gain, saved[2] if ctx.needs_input_grad[2] else None,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[3])
         return grad_x, None, grad_gain, grad_bias
 
 
@@ -120,19 +133,14 @@ class _StructuredFrameLinear(torch.autograd.Function):
         gain = saved[0]
         compute_dtype = ctx.compute_dtype
         grad_out = grad_out.to(compute_dtype)
-        grad_x = grad_gain = grad_bias = None
         back = None
         if ctx.needs_input_grad[0] or (ctx.needs_input_grad[1] and not ctx.save_pre_gain):
             apply = structured_apply if ctx.transposed else structured_apply_t
             with torch.autocast(grad_out.device.type, enabled=False):
                 back = apply(grad_out, ctx.plan)
-        if ctx.needs_input_grad[0]:
-            grad_x = (back * gain.to(compute_dtype)).to(ctx.input_dtype)
-        if ctx.needs_input_grad[1]:
-            partner = grad_out if ctx.save_pre_gain else back
-            grad_gain = (partner.float() * saved[1].float()).sum().to(gain.dtype).reshape(gain.shape)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+        grad_x, grad_gain, grad_bias = _input_gain_bias_grads(
+            ctx, grad_out, back, gain, saved[1] if ctx.needs_input_grad[1] else None,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[2])
         return grad_x, grad_gain, grad_bias, None, None, None, None, None, None
 
 

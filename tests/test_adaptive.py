@@ -34,14 +34,6 @@ LOCK_STEP = 8
 WIDTH = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Bit-exact resume comparisons hold only at equal thread counts; one thread is also fastest here."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def build_trainer(model: torch.nn.Module, output_dir: Path) -> tuple[Trainer, AdaptiveETFCallback, FrameRecorder]:
     args = TrainingArguments(output_dir=str(output_dir), use_cpu=True, report_to="none", per_device_train_batch_size=16,

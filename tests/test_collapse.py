@@ -18,14 +18,6 @@ from adaptive_ddp_worker import CLASSES, SeparableImages, tiny_mlp
 from tiny_models import tiny_bert, tiny_gpt2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def reference_rows(per_block_features: list[list[torch.Tensor]], labels: list[torch.Tensor], classes: int):
     """measure_collapse over the gathered features of each block (the unstreamed definition)."""

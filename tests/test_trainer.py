@@ -35,17 +35,6 @@ def is_checkpointing(model: nn.Module) -> bool:
     return getattr(model, "is_activation_checkpointing" if NEW_CHECKPOINTING_NAMES else "is_gradient_checkpointing")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two OpenMP threads
-    spin against other processes: a 1 s training run was measured taking 18 s. Module-scoped so that it is
-    in force before the module-scoped training fixture (the resume test compares runs bit for bit, which
-    holds only at equal thread counts). Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def training_args(output_dir: Path, **overrides) -> TrainingArguments:
     """CPU Trainer settings shared by every test: a loss logged each step, no saving unless asked."""
