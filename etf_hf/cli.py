@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recipe file (default: the packaged quickstart.yaml), then overrides")
     train.add_argument("--print-config", action="store_true",
                        help="print the recipe after overrides and validation, then exit without training")
+    commands.add_parser("bench", add_help=False, help="time a training step per FFN treatment (full, frozen, LoRA, "
+                        "ETF bases, FFN-free bound); etf-hf bench --help for options")
     return parser
 
 
@@ -64,6 +66,11 @@ def train_command(args: list[str], print_config: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``etf-hf`` and ``python -m etf_hf``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark parses its own options (argparse would not pass them through)
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:], prog="etf-hf bench")
     parser = build_parser()
     options = parser.parse_args(argv)
     if options.command is None:
