@@ -332,6 +332,7 @@ def structured_plan(num_vectors: int, dim: int, seed: int = 0) -> StructuredPlan
     assignment = rng.sample(inputs, inputs)
     index = [slots[a] for a in assignment]
     holder = [j for j, chosen in enumerate(block_slots) if chosen]
+    hadamard = sylvester_hadamard(structured_hadamard_size(dim))
     for _ in range(_STRUCTURED_MAX_DRAWS):
         signs = rng.signs(inputs)
         if helmert or len(holder) != 1 or inputs < 2:
@@ -340,7 +341,6 @@ def structured_plan(num_vectors: int, dim: int, seed: int = 0) -> StructuredPlan
         start = sum(blocks[:holder[0]])
         embedded = torch.zeros(block, dtype=torch.float64)
         embedded[torch.tensor(index) - start] = torch.tensor(signs, dtype=torch.float64)
-        hadamard = sylvester_hadamard(structured_hadamard_size(dim))
         rows = _structured_block_transform(embedded[None], block, hadamard) * math.sqrt(block)
         if bool((rows.abs() < inputs - 0.5).all()):  # row sums of +-1 entries: == K only if constant
             break
@@ -352,7 +352,7 @@ def structured_plan(num_vectors: int, dim: int, seed: int = 0) -> StructuredPlan
         num_vectors=num_vectors, dim=dim, blocks=blocks, helmert=helmert,
         index=torch.tensor(index, dtype=torch.int64), signs=torch.tensor(signs, dtype=torch.float64),
         perm=torch.tensor(perm, dtype=torch.int64), inverse=torch.tensor(inverse, dtype=torch.int64),
-        hadamard=sylvester_hadamard(structured_hadamard_size(dim)),
+        hadamard=hadamard,
     )
 
 
@@ -457,18 +457,20 @@ def structured_apply_t(y: torch.Tensor, plan: StructuredPlan) -> torch.Tensor:
     return inputs - inputs.mean(-1, keepdim=True)
 
 
+def _float64_plan(plan: StructuredPlan) -> StructuredPlan:
+    """The same plan with float64 signs and Hadamard, for exact dense materialisation."""
+    return plan._replace(signs=plan.signs.to(torch.float64), hadamard=plan.hadamard.to(torch.float64))
+
+
 def structured_isometry(plan: StructuredPlan, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The D x K matrix U of ``plan``, dense: orthonormal columns (D >= K), or for D = K-1 orthonormal
     rows spanning the complement of the all-ones vector. The frame is sqrt(K/(K-1)) U (I - 11^T/K)."""
-    plan64 = plan._replace(signs=plan.signs.to(torch.float64), hadamard=plan.hadamard.to(torch.float64))
     eye = torch.eye(plan.num_vectors, dtype=torch.float64, device=plan.signs.device)
     inputs = _helmert_apply(eye) if plan.helmert else eye
-    return _structured_rotate(inputs, plan64, 1.0).t().contiguous().to(dtype)
+    return _structured_rotate(inputs, _float64_plan(plan), 1.0).t().contiguous().to(dtype)
 
 
 def structured_dense(plan: StructuredPlan, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The D x K frame of ``plan`` as a dense matrix (materialised in float64, then cast)."""
-    signs = plan.signs.to(torch.float64)
-    plan64 = plan._replace(signs=signs, hadamard=plan.hadamard.to(torch.float64))
-    eye = torch.eye(plan.num_vectors, dtype=torch.float64, device=signs.device)
-    return structured_apply(eye, plan64).t().contiguous().to(dtype)
+    eye = torch.eye(plan.num_vectors, dtype=torch.float64, device=plan.signs.device)
+    return structured_apply(eye, _float64_plan(plan)).t().contiguous().to(dtype)

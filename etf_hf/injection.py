@@ -30,8 +30,7 @@ def apply_etf_layers(model: nn.Module, config: ETFConfig) -> list[Slot]:
             gain=config.gain, trainable_gain=config.trainable_gain,
         )
         setattr(slot.parent, slot.attribute, replacement)
-    for _, layer in etf_layers(model):
-        set_frame_stored(layer, config.storage == "dense" or not layer.regenerable)
+    store_frames(model, config.storage)
     return slots
 
 
@@ -43,16 +42,19 @@ def frame_is_stored(layer: ETFLinear) -> bool:
     return "frame" in layer._buffers and "frame" not in layer._non_persistent_buffers_set
 
 
-def set_frame_stored(layer: ETFLinear, stored: bool) -> None:
-    """Make a dense frame buffer persistent (in state_dict and checkpoints) or not; its value is untouched."""
-    if "frame" not in layer._buffers:
-        return
-    if stored:
-        layer._non_persistent_buffers_set.discard("frame")
-    elif layer.regenerable:
-        layer._non_persistent_buffers_set.add("frame")
-    else:
-        raise ValueError(f"a {layer.basis!r} frame cannot be regenerated, so it must be stored")
+def store_frames(model: nn.Module, storage: str) -> None:
+    """Make each dense frame buffer persistent (in state_dict and checkpoints) or not, per ``storage``.
+
+    ``"dense"`` stores every dense frame; ``"compact"`` only those that cannot be regenerated
+    (``nearest``). Structured layers have no dense frame: their small seeded plan is always regenerated.
+    """
+    for _, layer in etf_layers(model):
+        if "frame" not in layer._buffers:
+            continue
+        if storage == "dense" or not layer.regenerable:
+            layer._non_persistent_buffers_set.discard("frame")
+        else:
+            layer._non_persistent_buffers_set.add("frame")
 
 
 def parameter_summary(model: nn.Module) -> dict[str, int]:

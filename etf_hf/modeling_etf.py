@@ -21,7 +21,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from .architectures import REGISTRY
 from .config import ETFConfig
 from .hub import auto_classes, auto_map, write_hub_files
-from .injection import apply_etf_layers, etf_layers, frame_is_stored, set_frame_stored
+from .injection import apply_etf_layers, etf_layers, frame_is_stored, store_frames
 
 logger = logging.getLogger("etf_hf")
 
@@ -98,19 +98,15 @@ class ETFModelMixin:
         """
         etf = ETFConfig.from_dict(self.config.etf)
         storage = etf.storage if etf_storage is None else ETFConfig(storage=etf_storage).storage
-        layers = [layer for _, layer in etf_layers(self)]
-        stored_before = [frame_is_stored(layer) for layer in layers]
         self.config.etf = dataclasses.replace(etf, storage=storage).to_dict()
         self.config.auto_map = auto_map(self)
         try:
-            for layer in layers:
-                set_frame_stored(layer, storage == "dense" or not layer.regenerable)
+            store_frames(self, storage)
             super().save_pretrained(save_directory, *args, **kwargs)
             if kwargs.get("is_main_process", True):
                 write_hub_files(self, save_directory, base_model)
         finally:
-            for layer, stored in zip(layers, stored_before):
-                set_frame_stored(layer, stored)
+            store_frames(self, etf.storage)
             self.config.etf = etf.to_dict()
             del self.config.auto_map
 

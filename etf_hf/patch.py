@@ -29,11 +29,13 @@ def _set_config_class(config, config_class: type) -> None:
 
 
 def _resolved(config: ETFConfig, slots: list[Slot]) -> ETFConfig:
-    """The config with ``layers`` spelled out, so the checkpoint does not depend on how it was chosen."""
-    blocks = sorted({s.block for s in slots if s.block >= 0})
-    if not blocks or len(blocks) != len({s.block for s in slots}):
+    """The config with ``layers`` spelled out, so the checkpoint does not depend on how it was chosen.
+
+    Left as given when target_modules matched modules outside numbered blocks (block -1).
+    """
+    if any(s.block < 0 for s in slots):
         return config
-    return dataclasses.replace(config, layers=blocks)
+    return dataclasses.replace(config, layers=sorted({s.block for s in slots}))
 
 
 def patch(model: PreTrainedModel, config: ETFConfig | None = None) -> PreTrainedModel:

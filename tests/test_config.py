@@ -31,6 +31,7 @@ def test_defaults_and_json_round_trip() -> None:
     (dict(trainable_gain="yes"), "trainable_gain"),
     (dict(target_modules="mlp"), "target_modules"),
     (dict(target_modules=["("]), "target_modules"),
+    (dict(storage="zip"), "storage"),
 ])
 def test_invalid_values_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"ETFConfig.{field}|{field}"):

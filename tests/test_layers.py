@@ -11,8 +11,12 @@ from etf_hf.layers import _FixedFrameLinear, frame_orientation, oriented_frame
 from test_etf import assert_simplex
 
 
-def make_layer(in_features: int, out_features: int, **kwargs) -> ETFLinear:
-    layer = ETFLinear(in_features, out_features, basis="orthogonal", seed=2, gain=1.7, **kwargs)
+#: A dense-frame basis and the matrix-free one: the two forward paths every interop test must cover.
+FORWARD_PATHS = ["orthogonal", "structured"]
+
+
+def make_layer(in_features: int, out_features: int, basis: str = "orthogonal", **kwargs) -> ETFLinear:
+    layer = ETFLinear(in_features, out_features, basis=basis, seed=2, gain=1.7, **kwargs)
     with torch.no_grad():
         if layer.bias is not None:
             layer.bias.normal_()
@@ -100,9 +104,11 @@ def test_to_dtype(dtype: torch.dtype) -> None:
     assert out.dtype == dtype and torch.isfinite(out.float()).all()
 
 
-def test_bf16_autocast_forward_and_backward() -> None:
-    layer = make_layer(16, 64)
-    x = torch.randn(4, 16, requires_grad=True)
+@pytest.mark.parametrize("basis", FORWARD_PATHS)
+@pytest.mark.parametrize("in_features,out_features", [(16, 64), (64, 16)])
+def test_bf16_autocast_forward_and_backward(basis: str, in_features: int, out_features: int) -> None:
+    layer = make_layer(in_features, out_features, basis)
+    x = torch.randn(4, in_features, requires_grad=True)
     reference = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
@@ -131,8 +137,9 @@ def test_saves_only_the_narrow_activation(in_features: int, out_features: int) -
     assert not [t for t in saved if t.dim() == 2 and t.shape[0] == 32]
 
 
-def test_torch_compile_fullgraph_matches_eager() -> None:
-    model = nn.Sequential(make_layer(8, 32), nn.GELU(), make_layer(32, 8))
+@pytest.mark.parametrize("basis", FORWARD_PATHS)
+def test_torch_compile_fullgraph_matches_eager(basis: str) -> None:
+    model = nn.Sequential(make_layer(8, 32, basis), nn.GELU(), make_layer(32, 8, basis))
     x = torch.randn(4, 8)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(x)

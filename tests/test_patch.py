@@ -8,7 +8,7 @@ from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, OP
                           T5Config, T5Model, ViTConfig, ViTForImageClassification)
 
 import etf_hf
-from etf_hf import ETFConfig, ETFLinear, etf_layers, parameter_summary, patch
+from etf_hf import ETFConfig, ETFLinear, etf_layers, lock_blocks, parameter_summary, patch
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_roberta, tiny_vit, token_batch
 
 FFN_PATHS = {
@@ -161,3 +161,26 @@ def test_print_trainable_parameters(capsys) -> None:
     assert f"trainable params: {summary['trainable']:,}" in line and f"ETF-fixed: {summary['etf_fixed']:,}" in line
     assert summary["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert all(not isinstance(m, ETFLinear) or not m.frame.requires_grad for m in model.modules())
+
+
+def test_lock_blocks_patches_then_extends_keeping_earlier_frames() -> None:
+    """Adaptive-ETF's lock: the first call patches (nearest frames by default), later calls add blocks
+    without touching frames already fixed, and config.etf always lists every locked block."""
+    model = tiny_gpt2(layers=4)
+    assert lock_blocks(model, [3]) == [3]
+    assert model.config.etf["basis"] == "nearest"
+    first = model.transformer.h[3].mlp.c_fc.frame.clone()
+    assert lock_blocks(model, [1, 3]) == [1, 3]
+    assert model.config.etf["layers"] == [1, 3]
+    assert {int(name.split(".")[2]) for name, _ in etf_layers(model)} == {1, 3}
+    assert torch.equal(model.transformer.h[3].mlp.c_fc.frame, first)
+
+
+def test_lock_blocks_refuses_a_different_config_or_a_bad_index() -> None:
+    model = tiny_gpt2(layers=4)
+    lock_blocks(model, [2], ETFConfig(basis="orthogonal"))
+    with pytest.raises(ValueError, match="differs from the model's config.etf"):
+        lock_blocks(model, [3], ETFConfig(basis="canonical"))
+    with pytest.raises(ValueError, match=r"block index \[7\] out of range"):
+        lock_blocks(model, [7])
+    assert model.config.etf["layers"] == [2]
