@@ -46,6 +46,7 @@ from transformers.trainer_callback import ExportableState
 
 from .collapse import collapse_report
 from .config import ETFConfig
+from .controls import CONTROL_BASES
 from .etf import BASES
 from .injection import parameter_summary
 from .patch import lock_blocks
@@ -199,8 +200,9 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
             raise ValueError(f"patience={patience!r}: must be an int >= 1 (consecutive checks)")
         if every not in EVERY_EVENTS and not (isinstance(every, int) and not isinstance(every, bool) and every > 0):
             raise ValueError(f"every={every!r}: use 'eval', 'epoch' or a positive number of steps")
-        if basis not in BASES:
-            raise ValueError(f"basis={basis!r}: choose one of {', '.join(BASES)}")
+        if basis not in BASES + CONTROL_BASES:
+            raise ValueError(f"basis={basis!r}: choose an ETF basis ({', '.join(BASES)}) or, to lock to a control, "
+                             f"one of {', '.join(CONTROL_BASES)}")
         self.probe = probe
         self.threshold = threshold
         self.patience = patience

@@ -5,6 +5,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .controls import CONTROL_BASES
 from .etf import BASES
 
 #: Version of the `config.etf` format this release writes; a checkpoint written by a newer release
@@ -25,7 +26,10 @@ class ETFConfig:
         projections as ``"up"``.
     basis: ``"orthogonal"`` (seeded random frame, the default: every hidden unit sees the input),
         ``"canonical"`` (the paper's U = I; on an FFN pair 3/4 of the hidden units then see only their
-        bias), or ``"nearest"`` (the ETF closest to the layer's current weight; stored in checkpoints).
+        bias), ``"nearest"`` (the ETF closest to the layer's current weight; stored in checkpoints) or
+        ``"structured"`` (seeded Walsh-Hadamard frame applied matrix-free). **Controls, not ETFs**, at
+        the same placement (see `etf_hf.controls`): ``"gaussian"`` (seeded Gaussian with the ETF's norm),
+        ``"zero"`` (weight zeroed, bias kept) and ``"frozen"`` (the layer's own weight, frozen).
     seed: seeds the orthogonal frames; each projection derives its own seed from it.
     gain: ``"match"`` starts each layer's trainable gain so that the ETF layer has the replaced weight's
         Frobenius norm (for ``nearest``: the least-squares scale); a number sets it directly (1.0 gives
@@ -69,8 +73,9 @@ class ETFConfig:
             raise ValueError(f"ETFConfig.layers must be 'all', 'last:N' or a list of ints, got {type(self.layers).__name__}")
         if self.projections not in PROJECTIONS:
             raise ValueError(f"ETFConfig.projections={self.projections!r}: choose one of {', '.join(PROJECTIONS)}")
-        if self.basis not in BASES:
-            raise ValueError(f"ETFConfig.basis={self.basis!r} is unknown: choose one of {', '.join(BASES)}")
+        if self.basis not in BASES + CONTROL_BASES:
+            raise ValueError(f"ETFConfig.basis={self.basis!r} is unknown: choose an ETF basis ({', '.join(BASES)}) "
+                             f"or a control ({', '.join(CONTROL_BASES)})")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"ETFConfig.seed={self.seed!r}: must be a non-negative int")
         if isinstance(self.gain, bool) or not (

@@ -19,11 +19,14 @@ import math
 import torch
 from torch import nn
 
+from .controls import CONTROL_BASES, REGENERABLE_CONTROLS, control_frame
 from .etf import REGENERABLE_BASES, StructuredPlan, simplex_etf, structured_apply, structured_apply_t, structured_blocks, structured_dense, structured_hadamard_size, structured_plan
 
 
 #: Buffer names of a structured layer's plan, in `StructuredPlan` field order (after the static fields).
 _PLAN_BUFFERS = ("plan_index", "plan_signs", "plan_perm", "plan_inverse", "plan_hadamard")
+#: Every basis (ETF or control) whose frame is rebuilt from (shape, seed) instead of being stored.
+REGENERABLE = REGENERABLE_BASES + REGENERABLE_CONTROLS
 
 
 def _input_gain_bias_grads(ctx, grad_out: torch.Tensor, back: torch.Tensor | None, gain: torch.Tensor,
@@ -155,15 +158,16 @@ def frame_orientation(in_features: int, out_features: int) -> str:
 
 def oriented_frame(in_features: int, out_features: int, basis: str, seed: int,
                    weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The (out, in) fixed weight of an ETF layer, in float32.
+    """The (out, in) fixed weight of an ETF layer (or of a control, see `controls`), in float32.
 
     Frames are *defined* in float32 (computed in float64, rounded once): a lower-precision model holds
     their rounding from float32 whether the frame was cast with the model or regenerated after loading.
     """
+    build = control_frame if basis in CONTROL_BASES else simplex_etf
     if frame_orientation(in_features, out_features) == "columns":
-        return simplex_etf(in_features, out_features, basis, seed, weight, dtype=torch.float32)
+        return build(in_features, out_features, basis, seed, weight, dtype=torch.float32)
     target = None if weight is None else weight.t()
-    return simplex_etf(out_features, in_features, basis, seed, target, dtype=torch.float32).t().contiguous()
+    return build(out_features, in_features, basis, seed, target, dtype=torch.float32).t().contiguous()
 
 
 class ETFLinear(nn.Module):
@@ -194,14 +198,14 @@ class ETFLinear(nn.Module):
             self._init_structured(device="meta" if on_meta else device, dtype=dtype)
             frame = None
         elif frame is None:
-            if basis not in REGENERABLE_BASES:
+            if basis not in REGENERABLE:
                 raise ValueError(f"basis={basis!r} cannot be regenerated: pass the frame (see ETFLinear.from_layer)")
             frame = oriented_frame(in_features, out_features, basis, seed)
         elif tuple(frame.shape) != (out_features, in_features):
             raise ValueError(f"frame has shape {tuple(frame.shape)}, expected (out, in)=({out_features}, {in_features})")
         if frame is not None:
             self.register_buffer("frame", frame.to(device=device, dtype=dtype),
-                                 persistent=basis not in REGENERABLE_BASES)
+                                 persistent=basis not in REGENERABLE)
         # Shape (1,), not 0-dim: FSDP2's fully_shard rejects scalar parameters.
         gain_tensor = torch.full((1,), float(gain), device=device, dtype=dtype)
         if trainable_gain:
@@ -226,7 +230,7 @@ class ETFLinear(nn.Module):
         scale = 1.0
         if on_meta:
             frame = None if basis == "structured" else torch.empty(out_features, in_features, device="meta")
-        elif basis not in REGENERABLE_BASES:
+        elif basis not in REGENERABLE:
             frame = oriented_frame(in_features, out_features, basis, seed, weight=weight.detach())
             scale = float((weight.detach().double().cpu() * frame).sum()) / min(in_features, out_features)
         else:
@@ -243,7 +247,7 @@ class ETFLinear(nn.Module):
 
     @property
     def regenerable(self) -> bool:
-        return self.basis in REGENERABLE_BASES
+        return self.basis in REGENERABLE
 
     def reset_frame(self) -> None:
         """Recompute a regenerable frame in place (after loading, which leaves such buffers undefined)."""

@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .architectures import Slot, find_slots
 from .config import ETFConfig
+from .controls import CONTROL_BASES
 from .injection import apply_etf_layers, parameter_summary
 from .layers import ETFLinear
 from .modeling_etf import etf_config_class, etf_model_class
@@ -65,8 +66,9 @@ def patch(model: PreTrainedModel, config: ETFConfig | None = None) -> PreTrained
     model.__class__ = etf_model_class(type(model))
     model.config.etf = _resolved(config, slots).to_dict()
     summary = parameter_summary(model)
-    logger.info("etf_hf: %d projections of %s are now fixed %s ETFs; %d of %d weights trainable (%.1f%%)",
-                len(slots), type(model).__name__, config.basis, summary["trainable"], summary["total"],
+    kind = f"{config.basis!r} control weights (not ETFs)" if config.basis in CONTROL_BASES else f"{config.basis} ETFs"
+    logger.info("etf_hf: %d projections of %s are now fixed %s; %d of %d weights trainable (%.1f%%)",
+                len(slots), type(model).__name__, kind, summary["trainable"], summary["total"],
                 100 * summary["trainable"] / summary["total"])
     return model
 
