@@ -15,7 +15,8 @@ a block and is not reported; entry i + 1 is block i's output) and are pooled to 
 
 Hidden states that are already (batch, dim) are used as they are under any pooling. Statistics are
 streamed (`CollapseStatistics`, then a second pass for `NearestClassMeanAccuracy` against the final
-class means), so the data set never has to fit in memory.
+class means), so the data set never has to fit in memory. The same measures per block come from Trainer's
+``compute_metrics`` with `etf_hf.CollapseMetrics` (``etf_hf/trainer_metrics.py``).
 """
 from __future__ import annotations
 
@@ -48,6 +49,14 @@ class CollapseReport:
     rows: list[dict[str, float]]
     effective_depth: int | None
     threshold: float
+
+    @classmethod
+    def from_measures(cls, statistics: Sequence[CollapseStatistics], accuracies: Sequence[NearestClassMeanAccuracy],
+                      threshold: float) -> CollapseReport:
+        """The report of finished per-block accumulators (both passes done, reduced where distributed)."""
+        rows = [{"layer": index, "ncc": accuracy.compute(), **stats.compute()}
+                for index, (stats, accuracy) in enumerate(zip(statistics, accuracies))]
+        return cls(rows, effective_depth([row["ncc"] for row in rows], threshold), threshold)
 
     @property
     def ncc(self) -> list[float]:
@@ -99,6 +108,17 @@ def pool(hidden: torch.Tensor, pooling: str, attention_mask: torch.Tensor | None
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
+def pool_blocks(hidden_states: Sequence[torch.Tensor] | None, pooling: str,
+                attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """One pooled (batch, dim) feature matrix per block from a model's ``hidden_states`` (entry 0, the
+    embeddings, is not a block)."""
+    if not hidden_states or len(hidden_states) < 2:
+        count = len(hidden_states) if hidden_states else 0
+        raise ValueError(f"got {count} hidden states, need the embeddings and one per block: run the model with "
+                         "output_hidden_states=True")
+    return [pool(hidden, pooling, attention_mask) for hidden in hidden_states[1:]]
+
+
 def _batches(data: Any, batch_size: int, collate_fn: Callable | None) -> Iterable[Mapping[str, Any]]:
     """A re-iterable stream of batch dicts: a DataLoader or list of batches as given, a data set wrapped."""
     if isinstance(data, (DataLoader, list, tuple)):
@@ -112,12 +132,8 @@ def _block_features(model: nn.Module, batch: Mapping[str, Any], label_key: str, 
               for key, value in batch.items() if key != label_key}
     if label_key not in batch:
         raise ValueError(f"batch has no {label_key!r} (keys: {sorted(batch)}); pass label_key=")
-    outputs = model(**inputs, output_hidden_states=True)
-    hidden_states = outputs.hidden_states
-    if not hidden_states or len(hidden_states) < 2:
-        raise ValueError(f"{type(model).__name__} returned no per-block hidden_states with output_hidden_states=True")
-    mask = inputs.get("attention_mask")
-    return [pool(h, pooling, mask) for h in hidden_states[1:]], torch.as_tensor(batch[label_key])
+    hidden_states = model(**inputs, output_hidden_states=True).hidden_states
+    return pool_blocks(hidden_states, pooling, inputs.get("attention_mask")), torch.as_tensor(batch[label_key])
 
 
 def collapse_report(
@@ -176,9 +192,7 @@ def collapse_report(
                     accuracy.reduce(reduce_fn)
     finally:
         model.train(was_training)
-    rows = [{"layer": index, "ncc": accuracy.compute(), **stats.compute()}
-            for index, (stats, accuracy) in enumerate(zip(statistics, accuracies))]
-    return CollapseReport(rows, effective_depth([row["ncc"] for row in rows], threshold), threshold)
+    return CollapseReport.from_measures(statistics, accuracies, threshold)
 
 
 def plot_collapse(report: CollapseReport, path: str | Path, title: str | None = None) -> Path:

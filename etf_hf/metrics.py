@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,6 +63,9 @@ from .etf import centering_matrix
 ReduceFn = Callable[[torch.Tensor], Any]
 
 _F64 = torch.float64
+
+#: The `evaluate` metric script shipped with this package (package data), loadable offline.
+EVALUATE_METRIC_DIR = Path(__file__).resolve().parent / "evaluate_metric" / "neural_collapse"
 
 
 def _sum_reduce(fn: ReduceFn, tensor: torch.Tensor) -> torch.Tensor:
@@ -377,3 +381,12 @@ def measure_collapse(
     if reduce_fn is not None:
         accuracy.reduce(reduce_fn)
     return {**statistics.compute(classifier), "ncc_accuracy": accuracy.compute()}
+
+
+def load_evaluate_metric(**kwargs: Any) -> Any:
+    """The ``neural_collapse`` `evaluate` metric (features + labels -> every measure above), loaded from the
+    copy in this package, so it needs no Hub access: ``evaluate.load(EVALUATE_METRIC_DIR, **kwargs)``
+    (``kwargs`` as for `evaluate.load`, e.g. ``num_process``/``process_id`` for distributed use)."""
+    import evaluate  # imported here: it pulls in `datasets`, which nothing else in etf_hf needs at import
+
+    return evaluate.load(str(EVALUATE_METRIC_DIR), **kwargs)

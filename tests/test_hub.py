@@ -15,8 +15,12 @@ from transformers import (AutoModelForCausalLM, AutoModelForImageClassification,
 
 import etf_hf
 from etf_hf import ETFConfig, etf_layers, materialize, patch
-from etf_hf.hub import REMOTE_CODE_FILE
+from etf_hf.hub import _FOOTER_MARKER, REMOTE_CODE_FILE
 from tiny_models import tiny_bert, tiny_gpt2, tiny_vit, token_batch
+
+
+def tiny_mlp() -> etf_hf.MLPForImageClassification:
+    return etf_hf.MLPForImageClassification(etf_hf.CollapseMLPConfig(hidden_size=16, num_hidden_layers=3, num_labels=4))
 
 
 def logits(model, **inputs) -> torch.Tensor:
@@ -75,6 +79,9 @@ REMOTE_CASES = {
                      "AutoModelForSequenceClassification", lambda: {"input_ids": token_batch(120)}),
     "vit-canonical": (lambda: patch(tiny_vit(), ETFConfig(basis="canonical")), "AutoModelForImageClassification",
                       lambda: {"pixel_values": torch.randn(2, 1, 28, 28)}),
+    # the paper's MLP: its vanilla classes live in etf_hf.models, so the remote code must inline them
+    "mlp-nearest": (lambda: patch(tiny_mlp(), ETFConfig(basis="nearest", layers="last:2")),
+                    "AutoModelForImageClassification", lambda: {"pixel_values": torch.randn(4, 1, 28, 28)}),
 }
 
 
@@ -208,3 +215,26 @@ def test_bf16_round_trip_keeps_the_frame_up_to_bf16_rounding(basis: str, tmp_pat
         assert layer.frame.dtype == torch.bfloat16
         assert torch.equal(layer.frame, frames[name].to(torch.bfloat16)), name
         assert torch.equal(layer.frame_norm, gains[name].to(torch.bfloat16)), name
+
+
+def test_mlp_checkpoint_saved_again_without_etf_hf_stays_self_contained(tmp_path: Path) -> None:
+    """A model loaded through remote code regenerates the file from itself: the MLP classes it defines
+    are neither imported from etf_hf nor inlined twice."""
+    model = patch(tiny_mlp(), ETFConfig(basis="orthogonal"))
+    inputs = torch.randn(4, 784)
+    model.save_pretrained(tmp_path / "first")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    result = _run_without_etf_hf(f"""
+import torch
+from transformers import AutoModelForImageClassification as Auto
+first = Auto.from_pretrained({str(tmp_path / 'first')!r}, trust_remote_code=True)
+first.save_pretrained({str(tmp_path / 'second')!r})
+second = Auto.from_pretrained({str(tmp_path / 'second')!r}, trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.save(second(pixel_values=torch.load({str(tmp_path / 'inputs.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
+""")
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = ((tmp_path / name / REMOTE_CODE_FILE).read_text() for name in ("first", "second"))
+    assert second == first and second.count("class MLPForImageClassification(") == 1
+    assert "etf_hf" not in second.rpartition(_FOOTER_MARKER)[2]  # the footer imports nothing from etf_hf
+    assert torch.equal(torch.load(tmp_path / "out.pt"), logits(model, pixel_values=inputs))

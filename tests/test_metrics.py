@@ -266,3 +266,29 @@ def test_misuse_of_construction_merge_classifier_and_passes() -> None:
         measure_collapse(iter([(features, labels)]), 3, 4)
     with pytest.raises(ValueError, match="no samples"):
         NearestClassMeanAccuracy(torch.randn(3, 4)).compute()
+
+
+def test_evaluate_module_loads_offline_and_equals_the_streaming_statistics() -> None:
+    """`evaluate.load` on the shipped script (and the helper doing the same), two add_batch calls, then
+    compute: equal to CollapseStatistics + NearestClassMeanAccuracy streamed over the same two arrays."""
+    import evaluate
+
+    from etf_hf.metrics import EVALUATE_METRIC_DIR, load_evaluate_metric
+
+    features, labels = clustered_data(90, 5, 12, seed=11)
+    classifier = torch.randn(5, 12, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    halves = [(features[:37].numpy(), labels[:37].numpy()), (features[37:].numpy(), labels[37:].numpy())]
+    statistics = CollapseStatistics(5, 12)
+    for x, y in halves:
+        statistics.update(x, y)
+    accuracy = NearestClassMeanAccuracy(statistics.class_means())
+    for x, y in halves:
+        accuracy.update(x, y)
+    expected = {**statistics.compute(classifier), "ncc_accuracy": accuracy.compute()}
+    for metric in (evaluate.load(str(EVALUATE_METRIC_DIR)), load_evaluate_metric()):
+        for x, y in halves:
+            metric.add_batch(features=x, labels=y)
+        assert_same_measures(metric.compute(num_classes=5, classifier=classifier.numpy()), expected)
+    metric.add_batch(features=features[:4].tolist(), labels=[0, 1, 2, 3])  # class 4 absent
+    with pytest.raises(ValueError, match=r"classes \[4\] have no samples"):
+        metric.compute(num_classes=5)

@@ -121,3 +121,10 @@ def test_fixed_etf_classifier(tmp_path):
     materialized = etf_hf.materialize(loaded)
     assert type(materialized) is MLPForImageClassification
     assert torch.allclose(eval_logits(materialized, x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 10])
+def test_number_of_classes_survives_save_and_load(classes, tmp_path):
+    """transformers omits labels equal to its own 2-class default; this config's default is 10 classes."""
+    CollapseMLPConfig(num_labels=classes, hidden_size=8, num_hidden_layers=1).save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).num_labels == classes

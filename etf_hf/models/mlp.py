@@ -8,6 +8,10 @@ works on transformers models, and ``Trainer`` + ``AdaptiveETFCallback`` drive tr
 hidden layers live in numbered `CollapseMLPBlock`s (``layers.0 .. layers.L-1``) so the architecture
 registry can address them by block index; the input layer (784 -> H) is deliberately *not* a block,
 because the paper fixes the square hidden layers and the classifier, never the input projection.
+
+A patched MLP's checkpoint carries this file's source inside its remote code (``etf_hf.hub`` inlines it,
+since a process loading with ``trust_remote_code=True`` need not have etf_hf), so at top level it imports
+only torch, transformers, huggingface_hub and the standard library, never etf_hf.
 """
 from __future__ import annotations
 
@@ -48,6 +52,15 @@ class CollapseMLPConfig(PreTrainedConfig):
             raise ValueError(f"CollapseMLPConfig: input_size={self.input_size}, hidden_size={self.hidden_size} must be "
                              f">= 1 and num_hidden_layers={self.num_hidden_layers} >= 0")
         super().__post_init__(**kwargs)
+
+    def to_diff_dict(self) -> dict:
+        """Always write the labels: transformers drops them when they equal *its* default (2 classes), and
+        this config's default is 10, so a 2-class model would otherwise reload with 10 classes."""
+        diff = super().to_diff_dict()
+        full = self.to_dict()
+        diff.setdefault("id2label", full["id2label"])
+        diff.setdefault("label2id", full["label2id"])
+        return diff
 
 
 class _LinearNormReLU(nn.Module):
