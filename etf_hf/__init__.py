@@ -4,13 +4,17 @@ Importing the package registers the ETF model types (``etf_gpt2``, ``etf_bert``,
 transformers Auto classes, so patched checkpoints load with ``AutoModelFor*.from_pretrained``.
 """
 from .config import FORMAT_VERSION, ETFConfig
+from .controls import CONTROL_BASES
 from .etf import BASES, simplex_etf
 from .layers import ETFLinear
 from .modeling_etf import register_model_type, register_registry_architectures
 from .models import CollapseMLPConfig, MLPForImageClassification, register_auto_classes
 from .injection import etf_layers, parameter_summary
+from .head import DotRegressionLoss, ETFClassifier, dot_regression_loss
+from .placement import Placement, suggest_layers
 from .patch import lock_blocks, materialize, patch, print_trainable_parameters
 from .collapse import CollapseReport, collapse_report, plot_collapse
+from .trainer_metrics import CollapseMetrics
 from .adaptive import AdaptiveETFCallback
 
 __version__ = "0.1.0"
@@ -19,7 +23,8 @@ register_auto_classes()  # before the next line, which derives etf_collapse_mlp 
 register_registry_architectures()
 
 __all__ = [
-    "AdaptiveETFCallback", "BASES", "CollapseMLPConfig", "CollapseReport", "ETFConfig", "ETFLinear", "FORMAT_VERSION",
-    "MLPForImageClassification", "collapse_report", "etf_layers", "lock_blocks", "materialize", "parameter_summary",
-    "patch", "plot_collapse", "print_trainable_parameters", "register_model_type", "simplex_etf",
+    "AdaptiveETFCallback", "BASES", "CONTROL_BASES", "CollapseMLPConfig", "CollapseMetrics", "CollapseReport", "DotRegressionLoss", "ETFClassifier",
+    "ETFConfig", "ETFLinear", "FORMAT_VERSION", "MLPForImageClassification", "Placement", "collapse_report",
+    "dot_regression_loss", "etf_layers", "lock_blocks", "materialize", "parameter_summary", "patch", "plot_collapse",
+    "print_trainable_parameters", "register_model_type", "simplex_etf", "suggest_layers",
 ]

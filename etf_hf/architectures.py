@@ -1,9 +1,11 @@
-"""The architecture registry: where each supported model keeps its feed-forward projections.
+"""The architecture registry: where each supported model keeps its feed-forward projections and its
+classification head.
 
 A projection is identified by the *class of the module that owns it* (its role) and the attribute
 name, never by a bare name suffix: GPT-2's ``c_proj`` names both the MLP's down-projection and the
 attention output, and BERT's ``output.dense`` exists in the attention block as well. Supporting a new
-architecture is one `Architecture` entry.
+architecture is one `Architecture` entry. The head is found by attribute (`HEAD_ATTRIBUTES`), which
+every transformers classification model and the paper's MLP share.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import ETFConfig
+from .layers import ETFLinear
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,15 @@ FALLBACK_GROUPS: tuple[dict[str, tuple[str, ...]], ...] = (
     {"up": ("gate_proj", "up_proj"), "down": ("down_proj",)},
     {"up": ("dense_h_to_4h",), "down": ("dense_4h_to_h",)},
 )
+
+
+#: Attributes of a classification model holding its head, tried in order: ``classifier`` (BERT, RoBERTa,
+#: ViT, ``*ForTokenClassification``, the paper's MLP), ``score`` (GPT-2, Llama and other decoder models).
+HEAD_ATTRIBUTES: tuple[str, ...] = ("classifier", "score")
+#: Inside a head that is a small module rather than one Linear, the Linear that produces the logits:
+#: RoBERTa's ``RobertaClassificationHead`` is dense -> tanh -> ``out_proj``. Fixing ``out_proj`` fixes the
+#: classifier of the features that head computes (its ``dense`` layer stays trainable).
+HEAD_OUTPUT_ATTRIBUTES: tuple[str, ...] = ("out_proj",)
 
 
 @dataclass(frozen=True)
@@ -157,7 +169,7 @@ def _override_slots(model: nn.Module, patterns: list[str]) -> list[Slot]:
         if not path or not any(p.fullmatch(path) for p in compiled):
             continue
         layout = _layout(module)
-        if layout is None and type(module).__name__ != "ETFLinear":
+        if layout is None and not isinstance(module, ETFLinear):
             raise ValueError(f"target_modules matched {path!r}, a {type(module).__name__}; only Linear/Conv1D layers can become ETF layers")
         parent_path, _, attribute = path.rpartition(".")
         parent = model.get_submodule(parent_path)
@@ -179,8 +191,10 @@ def find_slots(model: nn.Module, config: ETFConfig) -> list[Slot]:
     """Every FFN projection of ``model`` that ``config`` selects, in module order.
 
     Raises ValueError naming what was looked for when the architecture is unknown, a block index is
-    out of range, or nothing matches.
+    out of range, or nothing matches. ``layers=[]`` (a fixed head alone) selects nothing without looking.
     """
+    if config.layers == []:
+        return []
     model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
     base_type = model_type.removeprefix("etf_")
     if config.target_modules:
@@ -207,9 +221,17 @@ def num_blocks(model: nn.Module, slots: list[Slot]) -> int:
     return max(configured or 0, found)
 
 
-def resolve_layers(layers: str | list[int], total: int) -> list[int]:
-    """Block indices selected by an ``ETFConfig.layers`` value for a model of ``total`` blocks."""
-    if layers == "all":
+def resolve_layers(layers: str | list[int] | None, total: int) -> list[int]:
+    """Block indices selected by an ``ETFConfig.layers`` value for a model of ``total`` blocks.
+
+    None (the default) counts as ``"all"`` here, the default of a model built from a config; `etf_hf.patch`
+    resolves the default of a pretrained model (and ``"auto"``) into a list before slots are looked up.
+    """
+    if layers == "auto":
+        raise ValueError("ETFConfig.layers='auto' is chosen from NCC on labelled data: call "
+                         "etf_hf.patch(model, config, data=...) (or etf_hf.suggest_layers), which writes the chosen "
+                         "blocks into config.etf; or give layers='all', 'last:N' or [i, ...]")
+    if layers is None or layers == "all":
         return list(range(total))
     if isinstance(layers, str):
         count = int(layers.split(":")[1])
@@ -227,8 +249,61 @@ def resolve_layers(layers: str | list[int], total: int) -> list[int]:
 
 def _select_blocks(model: nn.Module, slots: list[Slot], config: ETFConfig) -> list[Slot]:
     if config.target_modules and any(s.block < 0 for s in slots):
-        if config.layers != "all":
+        if config.layers not in (None, "all"):
             raise ValueError("ETFConfig.layers can only filter target_modules that live in numbered blocks; use layers='all'")
         return slots
     wanted = set(resolve_layers(config.layers, num_blocks(model, slots)))
     return [s for s in slots if s.block in wanted]
+
+
+def _is_linear(module: nn.Module | None) -> bool:
+    return isinstance(module, (nn.Linear, ETFLinear))
+
+
+def find_head(model: nn.Module) -> Slot:
+    """The classification head's logit layer of ``model``, as a slot (block -1, role ``head``).
+
+    Looked up as ``model.<classifier|score>`` (a Linear), or the Linear ``out_proj`` inside such a module
+    (RoBERTa). Refused, with the reason: no classification head (a base model, or a causal LM, whose
+    ``lm_head`` has vocabulary-many outputs and is usually tied to the input embeddings, so fixing it
+    would fix the embeddings too), a head that is neither, fewer than 2 classes (a regression head), or
+    more classes than a simplex ETF fits in the hidden size (K > hidden + 1).
+    """
+    name = type(model).__name__
+    for attribute in HEAD_ATTRIBUTES:
+        head = getattr(model, attribute, None)
+        if not isinstance(head, nn.Module):
+            continue
+        if _is_linear(head):
+            parent, child, path = model, attribute, attribute
+        else:
+            inner = next((a for a in HEAD_OUTPUT_ATTRIBUTES if _is_linear(getattr(head, a, None))), None)
+            if inner is None:
+                raise ValueError(
+                    f"ETFConfig(head=True): {name}.{attribute} is a {type(head).__name__}, not a Linear, and has no "
+                    f"Linear {'/'.join(HEAD_OUTPUT_ATTRIBUTES)}; etf_hf fixes a single Linear classifier. Use "
+                    f"head=False, or target_modules naming the Linear that produces the logits")
+            parent, child, path = head, inner, f"{attribute}.{inner}"
+        layer = getattr(parent, child)
+        classes, hidden = layer.out_features, layer.in_features
+        if classes < 2:
+            raise ValueError(f"ETFConfig(head=True): {name}.{path} has {classes} output; a simplex ETF classifier "
+                             f"needs K >= 2 classes (a regression head cannot be fixed)")
+        if classes > hidden + 1:
+            raise ValueError(
+                f"ETFConfig(head=True): {name}.{path} maps {hidden} features to K={classes} classes, but a simplex "
+                f"ETF of K vectors needs dimension >= K-1={classes - 1}; use head=False for more than "
+                f"hidden+1={hidden + 1} classes")
+        return Slot(path, parent, child, -1, "head", "linear", "head")
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        tied = embeddings is not None and getattr(output, "weight", None) is getattr(embeddings, "weight", 1)
+        raise ValueError(
+            f"ETFConfig(head=True) fixes a classification head, but {name} has a language-model head "
+            f"({getattr(output, 'out_features', '?')} vocabulary outputs{', tied to the input embeddings' if tied else ''}), "
+            f"which cannot be a simplex ETF (K > hidden + 1{', and fixing it would fix the embeddings' if tied else ''}). "
+            f"Use head=False; to measure or fix a causal LM's FFN blocks, head is not needed")
+    raise ValueError(f"ETFConfig(head=True): {name} has no classification head (looked for a Linear "
+                     f"{' or '.join(HEAD_ATTRIBUTES)}, or their {'/'.join(HEAD_OUTPUT_ATTRIBUTES)}); load a "
+                     f"*ForSequenceClassification / *ForImageClassification model, or use head=False")

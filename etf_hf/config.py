@@ -10,18 +10,31 @@ from .etf import BASES
 
 #: Version of the `config.etf` format this release writes; a checkpoint written by a newer release
 #: is refused rather than half-understood.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Fields added after version 1, with the version that added them. An older config.etf lacks them and is
+#: read with their defaults (which reproduce what that older release built); a newer field in an older
+#: version's dict is refused like any unknown field.
+_ADDED_IN_VERSION = {"head": 2, "head_basis": 2, "placement": 2}
 
 PROJECTIONS = ("up", "down", "both")
 STORAGES = ("compact", "dense")
 _LAST_N = re.compile(r"last:(\d+)")
+#: ``layers`` values that `etf_hf.patch` resolves into block indices itself (the default and ``"auto"``).
+LAYER_CHOICES = (None, "auto")
 
 
 @dataclass
 class ETFConfig:
     """How to patch a model.
 
-    layers: ``"all"``, ``"last:N"`` (the last N blocks) or a list of block indices (0-based).
+    layers: ``"all"``, ``"last:N"`` (the last N blocks), a list of block indices (0-based), ``"auto"``
+        (the blocks from the effective depth on, measured by NCC on labelled data:
+        ``etf_hf.patch(model, config, data=...)``, see `etf_hf.suggest_layers`) or None, the default:
+        every block of a model built from a config (random init), and for a model loaded with pretrained
+        weights ``"auto"`` when ``data`` is given, else the second half of its blocks (see
+        `etf_hf.placement`; why: fixing every FFN of a pretrained model cost 7-9 points
+        in the pre-study, the last half < 1). ``[]`` fixes no FFN block (only with ``head=True``).
+        `patch` writes the resolved list into ``config.etf``, so a checkpoint never depends on the data.
     projections: ``"up"`` (d -> 4d), ``"down"`` (4d -> d) or ``"both"``. Gated MLPs count gate and up
         projections as ``"up"``.
     basis: ``"orthogonal"`` (seeded random frame, the default: every hidden unit sees the input),
@@ -41,9 +54,18 @@ class ETFConfig:
     storage: ``"compact"`` (checkpoints leave out frames that can be regenerated from basis and seed;
         ``nearest`` frames are always stored) or ``"dense"`` (every frame stored). Also settable per
         save: ``model.save_pretrained(dir, etf_storage="dense")``.
+    head: also fix the classification head (``classifier`` / ``score``, or RoBERTa's
+        ``classifier.out_proj``) to a K x hidden simplex ETF, one row per class, with a trainable gain
+        and its bias (see `etf_hf.architectures.find_head`): the fixed classifier the paper builds on.
+    head_basis: the head's basis (ETF or control); None: the FFN ``basis`` at patch time, which `patch`
+        then writes here, so that a later lock with another FFN basis (Adaptive-ETF) leaves the head's
+        frame reproducible.
+    placement: how `patch` chose ``layers`` (written by `patch`, not an input): the rule, a sentence
+        saying why, and for ``"auto"`` the threshold, the per-block NCC accuracies and the effective
+        depth. A record only: it takes no part in comparing configs, nor in their repr (see config.etf).
     """
 
-    layers: str | list[int] = "all"
+    layers: str | list[int] | None = None
     projections: str = "both"
     basis: str = "orthogonal"
     seed: int = 0
@@ -51,26 +73,38 @@ class ETFConfig:
     trainable_gain: bool = True
     target_modules: list[str] | None = None
     storage: str = "compact"
+    head: bool = False
+    head_basis: str | None = None
+    placement: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     format_version: int = field(default=FORMAT_VERSION)
 
     def __post_init__(self) -> None:
         self._validate()
 
     def _validate(self) -> None:
-        if isinstance(self.layers, str):
-            if self.layers != "all" and not _LAST_N.fullmatch(self.layers):
-                raise ValueError(f"ETFConfig.layers={self.layers!r}: use 'all', 'last:N' or a list of block indices")
+        if not isinstance(self.head, bool):
+            raise ValueError(f"ETFConfig.head={self.head!r}: must be true or false")
+        if self.layers is None:  # the default: resolved by etf_hf.patch
+            pass
+        elif isinstance(self.layers, str):
+            if self.layers not in ("all", "auto") and not _LAST_N.fullmatch(self.layers):
+                raise ValueError(f"ETFConfig.layers={self.layers!r}: use 'all', 'auto', 'last:N', a list of block "
+                                 f"indices, or leave it unset for the default")
             match = _LAST_N.fullmatch(self.layers)
             if match and int(match.group(1)) < 1:
                 raise ValueError("ETFConfig.layers='last:0' selects nothing: use 'last:N' with N >= 1")
         elif isinstance(self.layers, (list, tuple)):
-            if not self.layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
-                raise ValueError(f"ETFConfig.layers={self.layers!r}: a list of layers must be non-empty block indices (ints)")
+            if not self.layers and not self.head:
+                raise ValueError("ETFConfig.layers=[] fixes no FFN block: that only makes sense with head=True "
+                                 "(a fixed classifier alone); otherwise list block indices or use 'all'/'last:N'")
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+                raise ValueError(f"ETFConfig.layers={self.layers!r}: a list of layers must hold block indices (ints)")
             if any(i < 0 for i in self.layers):
                 raise ValueError(f"ETFConfig.layers={self.layers!r}: block indices are 0-based and non-negative")
             self.layers = sorted(set(self.layers))
         else:
-            raise ValueError(f"ETFConfig.layers must be 'all', 'last:N' or a list of ints, got {type(self.layers).__name__}")
+            raise ValueError(f"ETFConfig.layers must be 'all', 'auto', 'last:N', a list of ints or None, "
+                             f"got {type(self.layers).__name__}")
         if self.projections not in PROJECTIONS:
             raise ValueError(f"ETFConfig.projections={self.projections!r}: choose one of {', '.join(PROJECTIONS)}")
         if self.basis not in BASES + CONTROL_BASES:
@@ -95,6 +129,16 @@ class ETFConfig:
             self.target_modules = list(self.target_modules)
         if self.storage not in STORAGES:
             raise ValueError(f"ETFConfig.storage={self.storage!r}: choose one of {', '.join(STORAGES)}")
+        if self.head_basis is not None:
+            if not self.head:
+                raise ValueError(f"ETFConfig.head_basis={self.head_basis!r} without head=True: set head=True to fix "
+                                 f"the classification head, or drop head_basis")
+            if self.head_basis not in BASES + CONTROL_BASES:
+                raise ValueError(f"ETFConfig.head_basis={self.head_basis!r} is unknown: choose an ETF basis "
+                                 f"({', '.join(BASES)}) or a control ({', '.join(CONTROL_BASES)})")
+        if self.placement is not None and not isinstance(self.placement, dict):
+            raise ValueError(f"ETFConfig.placement must be a JSON object or null (it is written by etf_hf.patch), "
+                             f"got {type(self.placement).__name__}")
         if self.format_version != FORMAT_VERSION:
             if isinstance(self.format_version, int) and self.format_version > FORMAT_VERSION:
                 raise ValueError(
@@ -112,19 +156,25 @@ class ETFConfig:
         """Read `config.etf` strictly: every field present, nothing unknown, each value validated.
 
         A checkpoint is a contract; a missing or unknown key means it was written by something else, and
-        guessing a default could silently rebuild different frames.
+        guessing a default could silently rebuild different frames. The one exception is an older format
+        version, whose dict lacks exactly the fields added since: those get the defaults that reproduce
+        what the older release built (no head, no placement record), and the result is this version.
         """
         if isinstance(data, ETFConfig):
             return data
         if not isinstance(data, dict):
             raise ValueError(f"config.etf must be a JSON object, got {type(data).__name__}")
-        names = {f.name for f in fields(cls)}
-        if "format_version" in data and isinstance(data["format_version"], int) and data["format_version"] > FORMAT_VERSION:
-            cls(format_version=data["format_version"])  # raises the version error, naming both versions
+        version = data.get("format_version")
+        is_version = isinstance(version, int) and not isinstance(version, bool)
+        if is_version and version > FORMAT_VERSION:
+            cls(format_version=version)  # raises the version error, naming both versions
+        older = is_version and 1 <= version < FORMAT_VERSION
+        names = {f.name for f in fields(cls) if not older or _ADDED_IN_VERSION.get(f.name, 1) <= version}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"config.etf has unknown field(s) {unknown}; known fields: {sorted(names)}")
+            raise ValueError(f"config.etf (format_version {version!r}) has unknown field(s) {unknown}; "
+                             f"known fields: {sorted(names)}")
         missing = sorted(names - set(data))
         if missing:
             raise ValueError(f"config.etf is missing field(s) {missing}")
-        return cls(**data)
+        return cls(**{**data, "format_version": FORMAT_VERSION} if older else data)

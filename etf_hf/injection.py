@@ -1,4 +1,4 @@
-"""The injector: replaces the projections a config selects by ETF layers, and counts what it did.
+"""The injector: replaces the projections a config selects (and the head) by ETF layers, and counts what it did.
 
 Kept apart from `patch` (which also swaps classes and writes `config.etf`) because the ETF model
 classes call it while being constructed from a checkpoint's config.
@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .architectures import Slot, find_slots
+from .architectures import Slot, find_head, find_slots
 from .config import ETFConfig
 from .etf import slot_seed
+from .head import ETFClassifier
 from .layers import ETFLinear
 
 
@@ -19,7 +20,11 @@ def etf_layers(model: nn.Module) -> list[tuple[str, ETFLinear]]:
 
 
 def apply_etf_layers(model: nn.Module, config: ETFConfig) -> list[Slot]:
-    """Replace the projections ``config`` selects by `ETFLinear`s; projections already ETF are kept."""
+    """Replace the projections ``config`` selects by `ETFLinear`s, and with ``head=True`` the classifier by
+    an `ETFClassifier` (basis ``head_basis``, default ``basis``); layers already fixed are kept.
+
+    Returns the slots, the head's last (role ``"head"``).
+    """
     slots = find_slots(model, config)
     for slot in slots:
         current = getattr(slot.parent, slot.attribute)
@@ -30,6 +35,14 @@ def apply_etf_layers(model: nn.Module, config: ETFConfig) -> list[Slot]:
             gain=config.gain, trainable_gain=config.trainable_gain,
         )
         setattr(slot.parent, slot.attribute, replacement)
+    if config.head:
+        head = find_head(model)
+        current = getattr(head.parent, head.attribute)
+        if not isinstance(current, ETFLinear):
+            setattr(head.parent, head.attribute, ETFClassifier.from_classifier(
+                current, basis=config.head_basis or config.basis, seed=slot_seed(config.seed, head.seed_key),
+                gain=config.gain, trainable_gain=config.trainable_gain))
+        slots = [*slots, head]
     store_frames(model, config.storage)
     return slots
 

@@ -68,7 +68,9 @@ class ETFModelMixin:
                 f"{type(self).__name__} needs a config with an `etf` field; to add ETF layers to a "
                 f"{self.etf_vanilla_class.__name__}, load it with transformers and call etf_hf.patch(model, ETFConfig(...))"
             )
-        apply_etf_layers(self, ETFConfig.from_dict(config.etf))
+        etf = ETFConfig.from_dict(config.etf)
+        config.etf = etf.to_dict()  # an older format version is held (and saved) as this version's dict
+        apply_etf_layers(self, etf)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):

@@ -1,20 +1,23 @@
-"""`patch`: turn a transformers model's FFN projections into fixed simplex-ETF layers, in one call."""
+"""`patch`: turn a transformers model's FFN projections (and optionally its classifier) into fixed
+simplex-ETF layers, in one call; `materialize` and `lock_blocks`."""
 from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import Slot, find_slots
-from .config import ETFConfig
+from .architectures import Slot, find_head, find_slots
+from .config import LAYER_CHOICES, ETFConfig
 from .controls import CONTROL_BASES
 from .injection import apply_etf_layers, parameter_summary
 from .layers import ETFLinear
 from .modeling_etf import etf_config_class, etf_model_class
+from .placement import choose_placement
 
 logger = logging.getLogger("etf_hf")
 
@@ -29,36 +32,81 @@ def _set_config_class(config, config_class: type) -> None:
     vars(config).pop("model_type", None)
 
 
+def _with_head_basis(config: ETFConfig) -> ETFConfig:
+    """``head_basis`` spelled out: the FFN basis at patch time, so a later FFN lock with another basis
+    leaves the head's recipe intact."""
+    if config.head and config.head_basis is None:
+        return dataclasses.replace(config, head_basis=config.basis)
+    return config
+
+
 def _resolved(config: ETFConfig, slots: list[Slot]) -> ETFConfig:
-    """The config with ``layers`` spelled out, so the checkpoint does not depend on how it was chosen.
+    """The config with ``layers`` (FFN blocks; the head's slot does not count) and ``head_basis`` spelled
+    out, so the checkpoint does not depend on how they were chosen.
 
-    Left as given when target_modules matched modules outside numbered blocks (block -1).
+    ``layers`` is left as given when target_modules matched modules outside numbered blocks (block -1).
     """
-    if any(s.block < 0 for s in slots):
+    config = _with_head_basis(config)
+    blocks = [s for s in slots if s.role != "head"]
+    if any(s.block < 0 for s in blocks):
         return config
-    return dataclasses.replace(config, layers=sorted({s.block for s in slots}))
+    return dataclasses.replace(config, layers=sorted({s.block for s in blocks}))
 
 
-def patch(model: PreTrainedModel, config: ETFConfig | None = None) -> PreTrainedModel:
-    """Fix the selected FFN projections of ``model`` to simplex ETFs, in place; returns the model.
+def _placed(model: PreTrainedModel, config: ETFConfig, data: Any, probe_options: dict[str, Any]) -> ETFConfig:
+    """``config`` with ``layers`` None (the default) or ``"auto"`` resolved to block indices, the decision
+    recorded in ``placement`` (see `etf_hf.placement`). Explicit module paths are an explicit choice:
+    with ``target_modules`` the default is ``"all"`` of them, and ``"auto"`` is refused."""
+    if config.layers not in LAYER_CHOICES:
+        if data is not None or probe_options:
+            raise ValueError(f"data= (and its options {sorted(probe_options)}) only choose layers, but "
+                             f"ETFConfig.layers={config.layers!r} is given: drop data=, or use layers='auto'")
+        return config
+    if data is None and probe_options:
+        raise ValueError(f"{sorted(probe_options)} are options of the NCC measurement on data=; pass data= too")
+    if config.target_modules:
+        if config.layers == "auto":
+            raise ValueError("ETFConfig(layers='auto') chooses registry FFN blocks; target_modules names the modules "
+                             "itself: drop one of them")
+        return dataclasses.replace(config, layers="all")
+    placement = choose_placement(model, config.layers, data, probe_options)
+    return dataclasses.replace(config, layers=placement.layers, placement=placement.record())
+
+
+def patch(model: PreTrainedModel, config: ETFConfig | None = None, data: Any = None,
+          **probe_options: Any) -> PreTrainedModel:
+    """Fix the selected FFN projections of ``model`` (and with ``head=True`` its classifier) to simplex
+    ETFs, in place; returns the model.
+
+    data: labelled examples, used only to choose the blocks when ``config.layers`` is ``"auto"``, or left
+        unset on a model loaded with pretrained weights (see `etf_hf.placement`); ``probe_options`` are
+        `etf_hf.suggest_layers`'s keywords (``threshold``, ``num_classes``, ``pooling``, ``batch_size``,
+        ``collate_fn``, ``label_key``). The choice is logged in one line and recorded in ``config.etf``
+        (``layers`` resolved, ``placement`` saying why).
 
     The model's class becomes its registered ETF variant (``GPT2LMHeadModel`` -> ``ETFGPT2LMHeadModel``,
     ``model_type`` ``etf_gpt2``) and ``config.etf`` records the patch, so ``save_pretrained`` and
     ``AutoModel*.from_pretrained`` rebuild exactly this model. Patching again with the same config is a
-    no-op; with a different one it raises (a frame is never silently replaced).
+    no-op (with ``layers`` unset or ``"auto"``, the blocks chosen the first time stand); with a different
+    one it raises (a frame is never silently replaced).
     """
-    config = config or ETFConfig()
+    config = config if config is not None else ETFConfig()
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"etf_hf.patch expects a transformers PreTrainedModel, got {type(model).__name__}")
     existing = getattr(model.config, "etf", None)
     if existing is not None:
         previous = ETFConfig.from_dict(existing)
-        if _resolved(config, find_slots(model, config)) == previous:
+        if config.layers in LAYER_CHOICES:
+            same = _with_head_basis(dataclasses.replace(config, layers=previous.layers)) == previous
+        else:
+            same = _resolved(config, find_slots(model, config)) == previous
+        if same:
             return model
         raise ValueError(
             f"this model is already patched with {previous}; patching it again with {config} would "
             f"replace fixed frames. Start from the unpatched model to use a different ETF config."
         )
+    config = _placed(model, config, data, probe_options)
     slots = apply_etf_layers(model, config)
     if not slots:
         raise ValueError(f"ETFConfig {config} selects no projection of {type(model).__name__}")
@@ -67,8 +115,10 @@ def patch(model: PreTrainedModel, config: ETFConfig | None = None) -> PreTrained
     model.config.etf = _resolved(config, slots).to_dict()
     summary = parameter_summary(model)
     kind = f"{config.basis!r} control weights (not ETFs)" if config.basis in CONTROL_BASES else f"{config.basis} ETFs"
-    logger.info("etf_hf: %d projections of %s are now fixed %s; %d of %d weights trainable (%.1f%%)",
-                len(slots), type(model).__name__, kind, summary["trainable"], summary["total"],
+    ffn = sum(slot.role != "head" for slot in slots)
+    head = f" and its classifier ({model.config.etf['head_basis']})" if config.head else ""
+    logger.info("etf_hf: %d FFN projections of %s%s are now fixed %s; %d of %d weights trainable (%.1f%%)",
+                ffn, type(model).__name__, head, kind, summary["trainable"], summary["total"],
                 100 * summary["trainable"] / summary["total"])
     return model
 
@@ -107,7 +157,8 @@ def materialize(model: PreTrainedModel) -> PreTrainedModel:
     """
     if getattr(model.config, "etf", None) is None:
         raise ValueError(f"{type(model).__name__} is not patched by etf_hf (no config.etf): nothing to materialize")
-    for slot in find_slots(model, ETFConfig.from_dict(model.config.etf)):
+    etf = ETFConfig.from_dict(model.config.etf)
+    for slot in [*find_slots(model, etf), *([find_head(model)] if etf.head else [])]:
         layer = getattr(slot.parent, slot.attribute)
         if isinstance(layer, ETFLinear):
             setattr(slot.parent, slot.attribute, _dense_layer(layer, slot.layout))
@@ -122,7 +173,10 @@ def lock_blocks(model: PreTrainedModel, blocks: list[int], config: ETFConfig | N
 
     An unpatched model is patched with ``config`` (default: the frame nearest to the current weights)
     restricted to ``blocks``; a patched one extends its ``config.etf`` so save and load keep every lock.
-    Returns the blocks that are now fixed.
+    ``config`` must then match ``config.etf`` except in ``layers`` and its head fields (a lock never
+    touches the head); while no FFN block is fixed yet (a head-only patch), it may also set the FFN
+    ``basis`` and ``projections``, which is how a fixed classifier and Adaptive-ETF's nearest-frame locks
+    combine. Returns the blocks that are now fixed.
     """
     existing = getattr(model.config, "etf", None)
     if existing is None:
@@ -133,8 +187,16 @@ def lock_blocks(model: PreTrainedModel, blocks: list[int], config: ETFConfig | N
     if not isinstance(current.layers, list):
         raise ValueError("this model's ETF layers were chosen by target_modules outside numbered blocks; "
                          "blocks cannot be added to it")
-    if config is not None and dataclasses.replace(config, layers=current.layers) != current:
-        raise ValueError(f"lock_blocks: {config} differs from the model's config.etf {current} in more than layers")
+    if config is not None:
+        no_ffn_yet = not current.layers
+        comparable = dataclasses.replace(config, layers=current.layers, head=current.head, head_basis=current.head_basis)
+        if no_ffn_yet:
+            comparable = dataclasses.replace(comparable, basis=current.basis, projections=current.projections)
+        if comparable != current:
+            allowed = "layers, or (no FFN block being fixed yet) basis and projections" if no_ffn_yet else "layers"
+            raise ValueError(f"lock_blocks: {config} differs from the model's config.etf {current} in more than {allowed}")
+        if no_ffn_yet:
+            current = dataclasses.replace(current, basis=config.basis, projections=config.projections)
     merged = dataclasses.replace(current, layers=sorted(set(current.layers) | set(blocks)))
     model.config.etf = _resolved(merged, apply_etf_layers(model, merged)).to_dict()
     return list(model.config.etf["layers"])

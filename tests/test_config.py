@@ -18,6 +18,10 @@ def test_defaults_and_json_round_trip() -> None:
 
 @pytest.mark.parametrize("kwargs,field", [
     (dict(layers="most"), "layers"),
+    (dict(layers=7), "layers"),
+    (dict(head=1), "head"),
+    (dict(head_basis="orthogonal"), "head_basis"),
+    (dict(placement="auto"), "placement"),
     (dict(layers="last:0"), "layers"),
     (dict(layers=[]), "layers"),
     (dict(layers=[-1]), "layers"),
@@ -57,3 +61,29 @@ def test_newer_format_names_both_versions() -> None:
     data = {**ETFConfig().to_dict(), "format_version": FORMAT_VERSION + 1, "future_field": 1}
     with pytest.raises(ValueError, match=f"format_version {FORMAT_VERSION + 1}.*up to version {FORMAT_VERSION}"):
         ETFConfig.from_dict(data)
+
+
+def test_version_2_fields_round_trip_and_placement_is_only_a_record() -> None:
+    config = ETFConfig(layers=[], head=True, head_basis="canonical", placement={"rule": "auto", "ncc": [0.5, 0.95]})
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["format_version"] == FORMAT_VERSION == 2
+    assert ETFConfig.from_dict(data) == config and ETFConfig.from_dict(data).placement == config.placement
+    assert ETFConfig(layers=[1], placement={"rule": "x"}) == ETFConfig(layers=[1])  # a record, not a setting
+    assert ETFConfig().layers is None and ETFConfig(layers="auto").layers == "auto"
+
+
+def version_1_dict() -> dict:
+    """What etf_hf with format version 1 wrote: no head, head_basis or placement field."""
+    return {"layers": [1, 3], "projections": "both", "basis": "nearest", "seed": 0, "gain": "match",
+            "trainable_gain": True, "target_modules": None, "storage": "compact", "format_version": 1}
+
+
+def test_version_1_config_loads_with_the_new_fields_defaulted() -> None:
+    config = ETFConfig.from_dict(version_1_dict())
+    assert config == ETFConfig(layers=[1, 3], basis="nearest")
+    assert not config.head and config.head_basis is None and config.placement is None
+    assert config.format_version == FORMAT_VERSION  # read into this version, written back as it
+    with pytest.raises(ValueError, match=r"format_version 1\) has unknown field\(s\) \['head'\]"):
+        ETFConfig.from_dict({**version_1_dict(), "head": True})
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['seed'\]"):
+        ETFConfig.from_dict({k: v for k, v in version_1_dict().items() if k != "seed"})

@@ -157,3 +157,20 @@ def test_from_config_builds_the_patched_structure() -> None:
     model = patch(tiny_bert())
     rebuilt = AutoModel.from_config(model.config)
     assert {n.removeprefix("bert.") for n, _ in etf_layers(model)} == {n for n, _ in etf_layers(rebuilt)}
+
+
+def test_version_1_checkpoint_still_loads(tmp_path: Path) -> None:
+    """A checkpoint written with config.etf format 1 (before head and placement existed) rebuilds the
+    same model: the new fields take the defaults that reproduce what version 1 built."""
+    model = patch(tiny_bert(), ETFConfig(layers=[1], basis="nearest")).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for added in ("head", "head_basis", "placement"):
+        del config["etf"][added]
+    config["etf"]["format_version"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    inputs = {"input_ids": token_batch(120)}
+    assert ETFConfig.from_dict(loaded.config.etf) == ETFConfig.from_dict(model.config.etf)
+    assert loaded.config.etf["format_version"] == 2 and not loaded.config.etf["head"]
+    assert torch.equal(outputs(loaded, inputs), outputs(model, inputs))
