@@ -91,7 +91,7 @@ def test_yaml_exponent_without_dot_is_read_as_a_float() -> None:
     (["training.output_dir=x"], ["training.output_dir", "top-level output_dir"]),
     (["model.from_config.hidden_sise=8"], ["model.from_config.hidden_sise"]),
     (["model.from_config.model_type=nope"], ["model.from_config.model_type 'nope'"]),
-    (["model.from_config.image_size=28"], ["model.from_config.image_size", "image_size=8"]),
+    (["model.tokenizer=byte-level"], ["model.tokenizer is only read by text tasks"]),
     (["model.pretrained=/no/such/model"], ["model", "exactly one of"]),
     (["modes.1.etf.basis=fancy"], ["modes[1].etf", "basis", "orthogonal"]),
     (["modes.1.etf.colour=red"], ["modes[1].etf.colour"]),

@@ -1,0 +1,626 @@
+"""`etf-hf report`: one or more `etf-hf train` run folders -> a markdown comparison table and plots.
+
+Several run folders are read as several seeds of *one* recipe (``etf-hf train my.yaml training.seed=1``,
+``... training.seed=2``): rows are grouped by mode name, and each mode gets its metric's mean ± sd over
+seeds and a *paired* difference to a baseline mode, matched by seed, with a 95 % t-interval. Pairing by
+seed is what makes a handful of seeds informative: every mode of a seed starts from the same initial
+weights and sees the same data order, so seed-to-seed variation largely cancels in the difference.
+An interval that contains 0 is marked "(within noise)", so a table never reads a 3-example difference as
+a win. Control modes (frozen Gaussian, zeroed or frozen-as-is weights at an ETF's placement, see
+`etf_hf.controls`) are labelled as controls, not ETFs: they are what tells ETF geometry apart from "these
+layers were dispensable".
+
+Mixing recipes is an error, not a footnote: folders whose ``config.yaml`` differ in anything but seeds
+and output folders would be averaged into a meaningless mean.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+try:  # the controls module is new; the names are the contract, so fall back to them
+    from .controls import CONTROL_BASES
+except ImportError:  # pragma: no cover - only on a checkout without etf_hf.controls
+    CONTROL_BASES = ("gaussian", "zero", "frozen")
+
+#: TrainingArguments' default seed: the seed of a run whose recipe does not set ``training.seed``.
+DEFAULT_TRAINING_SEED = 42
+
+#: Two-sided 95 % quantiles of Student's t, t(0.975; df), for df = 1..30 (to 6 decimals).
+T_975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
+         2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
+         2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)
+_Z_975 = 1.959963984540054
+
+
+class ReportError(ValueError):
+    """A problem with the run folders given to `etf-hf report`; the message names the folder and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def t_quantile_975(df: int) -> float:
+    """t(0.975; df): the table for df <= 30, beyond it the Cornish-Fisher series in 1/df (error < 1e-6).
+
+    Computed here rather than with scipy, which etf_hf does not depend on.
+    """
+    if df < 1:
+        raise ValueError(f"a t quantile needs df >= 1, got {df}")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z, v = _Z_975, float(df)
+    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean of paired differences and its 95 % t-interval (``low``/``high`` None for a single pair)."""
+
+    mean: float
+    low: float | None
+    high: float | None
+    n: int
+
+    @property
+    def within_noise(self) -> bool | None:
+        """True when the interval contains 0 (no detectable difference); None when there is no interval."""
+        if self.low is None or self.high is None:
+            return None
+        return self.low <= 0 <= self.high
+
+
+def paired_interval(differences: Sequence[float]) -> Interval:
+    """Mean difference ± t(0.975; n-1) · sd / sqrt(n) over ``n`` paired seeds."""
+    if not differences:
+        raise ValueError("a paired interval needs at least one pair")
+    mean = statistics.fmean(differences)
+    n = len(differences)
+    if n < 2:
+        return Interval(mean, None, None, n)
+    half = t_quantile_975(n - 1) * statistics.stdev(differences) / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading run folders
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How a metrics.json key is shown: ``scale`` 100 turns a fraction into percent points."""
+
+    key: str
+    label: str
+    scale: float = 1.0
+    digits: int = 4
+    higher_is_better: bool | None = None
+
+
+#: Metrics picked automatically, in this order: the first one every mode row has.
+KNOWN_METRICS: tuple[Metric, ...] = (
+    Metric("test_accuracy", "test accuracy %", 100.0, 2, True),
+    Metric("test_perplexity", "test perplexity", 1.0, 2, False),
+    Metric("test_loss", "test loss", 1.0, 4, False),
+)
+
+
+@dataclass
+class Run:
+    """One `etf-hf train` run folder: its metrics.json, its config.yaml (if any) and its training seed."""
+
+    path: Path
+    metrics: dict[str, Any]
+    config: dict[str, Any] | None
+    seed: int | None
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run folder; a missing or malformed metrics.json is a `ReportError` naming the folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"run folder {str(path)!r} does not exist" + (" (it is a file; pass the folder that holds "
+                                                                         "metrics.json)" if path.is_file() else ""))
+    metrics_file = path / "metrics.json"
+    if not metrics_file.is_file():
+        raise ReportError(f"{str(path)!r} has no metrics.json: pass folders written by `etf-hf train` "
+                          f"(an unfinished run writes metrics.json only at its end)")
+    try:
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ReportError(f"{str(metrics_file)!r} is not valid JSON ({error})") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("modes"), list) or not metrics["modes"]:
+        raise ReportError(f"{str(metrics_file)!r} has no 'modes' list: it was not written by `etf-hf train`")
+    for index, row in enumerate(metrics["modes"]):
+        if not isinstance(row, dict) or not isinstance(row.get("name"), str):
+            raise ReportError(f"{str(metrics_file)!r}: modes[{index}] has no 'name'")
+    config = None
+    config_file = path / "config.yaml"
+    if config_file.is_file():
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    return Run(path, metrics, config, _run_seed(metrics, config))
+
+
+def _run_seed(metrics: dict[str, Any], config: dict[str, Any] | None) -> int | None:
+    """The training seed: metrics.json's ``seed`` if recorded, else config.yaml's ``training.seed``."""
+    if isinstance(metrics.get("seed"), int):
+        return metrics["seed"]
+    if config is not None:
+        seed = (config.get("training") or {}).get("seed", DEFAULT_TRAINING_SEED)
+        return seed if isinstance(seed, int) else None
+    return None
+
+
+def _without_seeds(value: Any) -> Any:
+    """The recipe minus what legitimately differs between seeds of one recipe (every ``seed``, ``output_dir``)."""
+    if isinstance(value, dict):
+        return {k: _without_seeds(v) for k, v in value.items() if k not in ("seed", "output_dir")}
+    if isinstance(value, list):
+        return [_without_seeds(v) for v in value]
+    return value
+
+
+def _recipe(run: Run, use_config: bool) -> dict[str, Any]:
+    """What must agree between runs: config.yaml (when every run has one), else what metrics.json says."""
+    if use_config and run.config is not None:
+        return _without_seeds(run.config)
+    data = run.metrics.get("data") or {}
+    return _without_seeds({
+        "task": run.metrics.get("task"),
+        "data": {k: v for k, v in data.items() if k not in ("train_examples", "test_examples")},
+        "modes": [{"name": row["name"], "etf": row.get("etf")} for row in run.metrics["modes"]],
+    })
+
+
+def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
+    """Dotted path of the first place two recipes differ, with both values (None if equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            here = f"{where}.{key}" if where else str(key)
+            if key not in a or key not in b:
+                return f"{here} is set only in {'the first' if key in a else 'the second'}"
+            found = _first_difference(a[key], b[key], here)
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for index, (x, y) in enumerate(zip(a, b)):
+            found = _first_difference(x, y, f"{where}.{index}")
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        return f"{where} has {len(a)} vs {len(b)} entries"
+    return None if a == b else f"{where or 'the recipe'} is {a!r} vs {b!r}"
+
+
+def check_one_recipe(runs: Sequence[Run]) -> None:
+    """Refuse folders of different recipes and folders that repeat a seed (pairing needs one run per seed)."""
+    first = runs[0]
+    use_config = all(run.config is not None for run in runs)
+    for run in runs[1:]:
+        difference = _first_difference(_recipe(first, use_config), _recipe(run, use_config))
+        if difference:
+            raise ReportError(f"{str(first.path)!r} and {str(run.path)!r} are different recipes ({difference}); "
+                              f"several run folders are read as seeds of one recipe: report them separately")
+    if len(runs) > 1:
+        seen: dict[int, Path] = {}
+        for run in runs:
+            if run.seed is None:
+                raise ReportError(f"{str(run.path)!r} records no training seed (no config.yaml, no 'seed' in "
+                                  f"metrics.json), so its modes cannot be paired with other runs' by seed")
+            if run.seed in seen:
+                raise ReportError(f"{str(seen[run.seed])!r} and {str(run.path)!r} both have training seed {run.seed}; "
+                                  f"pass one run folder per seed (etf-hf train ... training.seed=N)")
+            seen[run.seed] = run.path
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-mode summary
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModeSummary:
+    """One mode over all seeds: metric values by seed, parameter shares, wall time and curves.
+
+    ``row`` is the mode's metrics.json row of the first run: what the mode does (``kind`` and its
+    settings) is the same in every seed of one recipe.
+    """
+
+    name: str
+    row: dict[str, Any]
+    values: dict[int | None, float] = field(default_factory=dict)
+    trainable_percent: list[float] = field(default_factory=list)
+    trainable_percent_end: list[float] = field(default_factory=list)
+    train_time_s: list[float] = field(default_factory=list)
+    loss_curves: list[list[dict[str, float]]] = field(default_factory=list)
+    ncc: list[list[float]] = field(default_factory=list)
+    delta: Interval | None = None
+
+    @property
+    def treatment(self) -> str:
+        """``full``, ``etf``, ``frozen``, ``lora`` or ``adaptive`` (derived for rows written before ``kind``)."""
+        if isinstance(self.row.get("kind"), str):
+            return self.row["kind"]
+        return "adaptive" if self.row.get("adaptive") else ("full" if self.row.get("etf") is None else "etf")
+
+    @property
+    def basis(self) -> str | None:
+        etf = self.row.get("etf")
+        return etf.get("basis") if isinstance(etf, dict) else None
+
+    @property
+    def is_control(self) -> bool:
+        return self.treatment == "etf" and self.basis in CONTROL_BASES
+
+    @property
+    def kind(self) -> str:
+        """What the mode does to the FFNs, in words; controls say so, so they are never read as ETF results."""
+        treatment = self.treatment
+        if treatment == "full":
+            return "nothing fixed"
+        if treatment == "frozen":
+            return "FFN weights frozen (no ETF)"
+        if treatment == "lora":
+            lora = self.row.get("lora") or {}
+            return f"LoRA r={lora['r']}" if "r" in lora else "LoRA"
+        if treatment == "adaptive":
+            settings = (self.row.get("adaptive") or {}).get("settings") or {}
+            return f"Adaptive-ETF ({settings.get('basis', 'nearest')})"
+        if self.is_control:
+            return f"control: {self.basis} (not an ETF)"
+        return f"ETF: {self.basis}"
+
+    @property
+    def placement(self) -> str:
+        """Which FFN projections the treatment touches: resolved blocks / projections, or Adaptive-ETF's locks."""
+        if self.treatment == "adaptive":
+            locked = (self.row.get("adaptive") or {}).get("locked")
+            return f"locked: {', '.join(map(str, locked))}" if locked else "none locked"
+        selection = self.row.get("etf") if self.treatment == "etf" else self.row.get("frozen")
+        if not isinstance(selection, dict):
+            return "–"
+        if selection.get("target_modules"):
+            return f"target_modules {selection['target_modules']}"
+        layers = selection.get("layers", "all")
+        layers = ",".join(map(str, layers)) if isinstance(layers, list) else str(layers)
+        return f"{layers} / {selection.get('projections', 'both')}"
+
+
+def choose_metric(runs: Sequence[Run], key: str | None) -> Metric:
+    """The requested metric key (``--metric``), else the one metrics.json declares (``metric.key``), else the
+    first known metric that every mode row has."""
+    rows = [row for run in runs for row in run.metrics["modes"]]
+    numeric = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    declared = runs[0].metrics.get("metric")
+    if key is None and isinstance(declared, dict) and isinstance(declared.get("key"), str):
+        key = declared["key"]
+    if key is not None:
+        missing = [f"{run.path}:{row['name']}" for run in runs for row in run.metrics["modes"]
+                   if not isinstance(row.get(key), (int, float))]
+        if missing:
+            raise ReportError(f"--metric {key!r} is not a number in every mode row "
+                              f"(missing in {', '.join(missing[:3])}); "
+                              f"numeric keys of the first row: {', '.join(numeric)}")
+        known = next((m for m in KNOWN_METRICS if m.key == key), None)
+        if known is not None:
+            return known
+        direction = declared.get("higher_is_better") if isinstance(declared, dict) and declared.get("key") == key \
+            else None
+        return Metric(key, key, higher_is_better=direction)
+    for metric in KNOWN_METRICS:
+        if all(isinstance(row.get(metric.key), (int, float)) for row in rows):
+            return metric
+    raise ReportError(f"none of {', '.join(m.key for m in KNOWN_METRICS)} is in every mode row; pick a metric "
+                      f"with --metric (numeric keys of the first row: {', '.join(numeric)})")
+
+
+def summarize(runs: Sequence[Run], metric: Metric, baseline: str | None = None) -> tuple[list[ModeSummary], str]:
+    """Group rows by mode name (first-seen order) and add paired differences; returns (modes, baseline name).
+
+    The default baseline is the first mode that trains everything (kind ``full``), else the first mode.
+    """
+    modes: dict[str, ModeSummary] = {}
+    for run in runs:
+        for row in run.metrics["modes"]:
+            mode = modes.setdefault(row["name"], ModeSummary(row["name"], row))
+            seed = row.get("seed", run.seed)
+            if seed in mode.values:
+                raise ReportError(f"mode {row['name']!r} has two results for seed {seed} ({run.path}); "
+                                  f"pass one run folder per seed")
+            mode.values[seed] = metric.scale * float(row[metric.key])
+            if isinstance(row.get("trainable_percent"), (int, float)):
+                mode.trainable_percent.append(float(row["trainable_percent"]))
+            if isinstance(row.get("trainable_params_end"), int) and row.get("total_params"):
+                mode.trainable_percent_end.append(100 * row["trainable_params_end"] / row["total_params"])
+            if isinstance(row.get("train_time_s"), (int, float)):
+                mode.train_time_s.append(float(row["train_time_s"]))
+            if row.get("train_loss"):
+                mode.loss_curves.append(row["train_loss"])
+            ncc = _ncc_of(row, run.path)
+            if ncc:
+                mode.ncc.append(ncc)
+    if baseline is None:
+        baseline = next((m.name for m in modes.values() if m.treatment == "full"), next(iter(modes)))
+    elif baseline not in modes:
+        raise ReportError(f"--baseline {baseline!r} is not a mode of these runs; modes: {', '.join(modes)}")
+    reference = modes[baseline].values
+    for mode in modes.values():
+        shared = [seed for seed in mode.values if seed in reference]
+        if mode.name != baseline and shared:
+            mode.delta = paired_interval([mode.values[s] - reference[s] for s in shared])
+    return list(modes.values()), baseline
+
+
+def _ncc_of(row: dict[str, Any], run_dir: Path) -> list[float] | None:
+    """Per-block NCC accuracy of a trained mode, if measured: the ``collapse.json`` that ``etf-hf probe
+    --checkpoint RUN/MODE`` writes into the mode's folder, else Adaptive-ETF's last check."""
+    probe_file = run_dir / row["name"] / "collapse.json"
+    if probe_file.is_file():
+        try:
+            collapse = json.loads(probe_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ReportError(f"{str(probe_file)!r} is not valid JSON ({error}); rerun etf-hf probe "
+                              f"--checkpoint {run_dir / row['name']} or delete it") from None
+        rows = collapse.get("rows") if isinstance(collapse, dict) else None
+        if isinstance(rows, list) and rows:
+            return [float("nan") if r.get("ncc") is None else float(r["ncc"]) for r in rows]
+    history = (row.get("adaptive") or {}).get("ncc_history") if isinstance(row.get("adaptive"), dict) else None
+    if history:
+        return [float(value) for value in history[-1]["ncc"]]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------
+
+
+def _signed(value: float, digits: int) -> str:
+    return f"{value:+.{digits}f}".replace("-", "−")
+
+
+def _plain(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}".replace("-", "−")
+
+
+def _delta_cell(mode: ModeSummary, baseline: str, digits: int) -> str:
+    if mode.name == baseline:
+        return "baseline"
+    interval = mode.delta
+    if interval is None:
+        return "no seed shared with the baseline"
+    if interval.low is None or interval.high is None:
+        return f"{_signed(interval.mean, digits)} (1 seed: no interval)"
+    cell = f"{_signed(interval.mean, digits)} [{_signed(interval.low, digits)}, {_signed(interval.high, digits)}]"
+    return cell + (" (within noise)" if interval.within_noise else "")
+
+
+def _mean_sd(values: Sequence[float], digits: int) -> str:
+    if len(values) < 2:
+        return _plain(values[0], digits)
+    return f"{_plain(statistics.fmean(values), digits)} ± {_plain(statistics.stdev(values), digits)}"
+
+
+def _trainable_cell(mode: ModeSummary) -> str:
+    """Trainable share at the start, and at the end when it changed (Adaptive-ETF's locks)."""
+    if not mode.trainable_percent:
+        return "?"
+    start = statistics.fmean(mode.trainable_percent)
+    end = statistics.fmean(mode.trainable_percent_end) if mode.trainable_percent_end else start
+    return f"{start:.1f}" if abs(end - start) < 0.05 else f"{start:.1f} → {end:.1f}"
+
+
+def render_table(modes: Sequence[ModeSummary], baseline: str, metric: Metric) -> str:
+    """The markdown comparison table: one row per mode."""
+    digits = metric.digits
+    lines = [f"| mode | FFN treatment | placement | {metric.label} (mean ± sd) | per seed | n "
+             f"| Δ vs {baseline}, paired (95 % CI) | trainable % | train time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for mode in modes:
+        ordered = sorted(mode.values.items(), key=lambda item: (item[0] is None, item[0] or 0))
+        per_seed = ", ".join(_plain(v, digits) for _, v in ordered)
+        trainable = _trainable_cell(mode)
+        seconds = f"{statistics.fmean(mode.train_time_s):.1f}" if mode.train_time_s else "?"
+        lines.append(f"| {mode.name} | {mode.kind} | {mode.placement} | {_mean_sd(list(mode.values.values()), digits)} "
+                     f"| {per_seed} | {len(mode.values)} | {_delta_cell(mode, baseline, digits)} | {trainable} "
+                     f"| {seconds} |")
+    return "\n".join(lines)
+
+
+def render_report(runs: Sequence[Run], modes: Sequence[ModeSummary], baseline: str, metric: Metric,
+                  plots: Sequence[Path]) -> str:
+    """The whole report.md: what was run, the table, how to read it, and the plots."""
+    first = runs[0].metrics
+    data = first.get("data") or {}
+    seeds = sorted({seed for mode in modes for seed in mode.values if seed is not None})
+    lines = [f"# {first.get('config_name', 'run')}: {first.get('task', '?')} on {data.get('source', '?')}", ""]
+    lines.append(f"{len(runs)} run folder{'s' if len(runs) > 1 else ''} "
+                 f"({', '.join(str(run.path) for run in runs)}); training seeds: "
+                 f"{', '.join(map(str, seeds)) if seeds else 'not recorded'}.")
+    lines.append("")
+    lines.append(render_table(modes, baseline, metric))
+    lines.append("")
+    lines += _notes(runs, modes, baseline, metric)
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{path.stem}]({path.name})" for path in plots]
+    lines += ["", f"_Written by `etf-hf report` on {datetime.now():%Y-%m-%d %H:%M}._", ""]
+    return "\n".join(lines)
+
+
+def _notes(runs: Sequence[Run], modes: Sequence[ModeSummary], baseline: str, metric: Metric) -> list[str]:
+    notes = []
+    sizes = sorted({(run.metrics.get("data") or {}).get("test_examples") for run in runs} - {None})
+    if sizes:
+        size_text = " / ".join(f"{s:,}" for s in sizes)
+        line = f"- Test set: {size_text} examples"
+        if metric.scale == 100 and len(sizes) == 1:
+            line += f"; one example is {100 / sizes[0]:.2f} points of {metric.label.rstrip(' %')}"
+        notes.append(line + ".")
+    else:
+        notes.append("- Test set size: not recorded in metrics.json.")
+    direction = {True: "higher is better", False: "lower is better", None: "direction not known"}[
+        metric.higher_is_better]
+    notes.append(f"- {metric.label}: final model after training, on the held-out test split ({direction}). "
+                 f"Mean ± sample sd over seeds; Δ is the mean of per-seed differences to `{baseline}` (same seed, "
+                 f"same initial weights and data order) with a 95 % t-interval; \"(within noise)\": the interval "
+                 f"contains 0, so no difference is detectable at this number of seeds.")
+    if any(_best_model_selected(run) for run in runs):
+        notes.append("- **Caution**: `load_best_model_at_end` was on and etf-hf evaluates on the test split, so "
+                     "these are best-checkpoint-on-test numbers (optimistic).")
+    controls = [m.name for m in modes if m.is_control]
+    if controls:
+        notes.append(f"- Controls (not ETFs): {', '.join(controls)} — fixed weights with no ETF geometry at an ETF "
+                     f"placement (`gaussian`: random, norm-matched; `zero`: weight removed, bias kept; `frozen`: "
+                     f"the initial weight kept, norm-matched). An ETF row that does not beat the control at the same "
+                     f"placement shows only that those layers can be fixed, not that ETF geometry helps.")
+    notes.append(f"- {_environment_text(runs)}")
+    return notes
+
+
+def _best_model_selected(run: Run) -> bool:
+    return bool(((run.config or {}).get("training") or {}).get("load_best_model_at_end"))
+
+
+def _environment_text(runs: Sequence[Run]) -> str:
+    environments = {json.dumps(run.metrics.get("environment") or {}, sort_keys=True) for run in runs}
+    env = runs[0].metrics.get("environment") or {}
+    if not env:
+        return "Environment: not recorded."
+    text = ", ".join(f"{key} {value}" for key, value in env.items())
+    return f"Environment: {text}" + ("" if len(environments) == 1 else " (the runs' environments differ)") + "."
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------
+
+
+def _figure(size: tuple[float, float] = (6.5, 4)) -> Any:
+    """A matplotlib Figure on an Agg canvas: no pyplot, so no display or global backend is touched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size, dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _colour(index: int) -> str:
+    return f"C{index % 10}"
+
+
+def plot_loss_curves(modes: Sequence[ModeSummary], path: Path) -> Path | None:
+    """Training loss per mode: each seed thin, the mean over seeds (at steps all seeds logged) bold."""
+    if not any(mode.loss_curves for mode in modes):
+        return None
+    figure = _figure()
+    axes = figure.add_subplot()
+    for index, mode in enumerate(modes):
+        for curve in mode.loss_curves:
+            axes.plot([p["step"] for p in curve], [p["loss"] for p in curve], color=_colour(index),
+                      alpha=0.3 if len(mode.loss_curves) > 1 else 1.0, linewidth=0.8,
+                      label=None if len(mode.loss_curves) > 1 else mode.name)
+        if len(mode.loss_curves) > 1:
+            by_step = [{p["step"]: p["loss"] for p in curve} for curve in mode.loss_curves]
+            steps = sorted(set.intersection(*(set(c) for c in by_step)))
+            axes.plot(steps, [statistics.fmean(c[s] for c in by_step) for s in steps], color=_colour(index),
+                      linewidth=2, label=f"{mode.name} (mean of {len(by_step)})")
+    axes.set(xlabel="optimizer step", ylabel="training loss", title="training loss per mode")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def plot_metric(modes: Sequence[ModeSummary], metric: Metric, path: Path) -> Path:
+    """Each seed's metric per mode (dots) with the mean ± sd (bar); controls drawn hollow."""
+    figure = _figure((max(4.0, 1.2 * len(modes) + 2), 4))
+    axes = figure.add_subplot()
+    for index, mode in enumerate(modes):
+        values = list(mode.values.values())
+        axes.scatter([index] * len(values), values, color=_colour(index), alpha=0.6,
+                     facecolors="none" if mode.is_control else _colour(index))
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        axes.errorbar([index + 0.15], [statistics.fmean(values)], yerr=[sd], color="black", capsize=4, marker="_")
+    axes.set_xticks(range(len(modes)), [m.name + (" (control)" if m.is_control else "") for m in modes],
+                    rotation=30, ha="right")
+    axes.set_xlim(-0.5, len(modes) - 0.5)
+    axes.set_ylabel(metric.label)
+    axes.set_title(f"{metric.label}: seeds (dots), mean ± sd (bar)", fontsize=10)
+    axes.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def plot_ncc(modes: Sequence[ModeSummary], path: Path) -> Path | None:
+    """NCC accuracy per block and mode (mean over the seeds that measured it), when any mode has it."""
+    measured = [(index, mode) for index, mode in enumerate(modes) if mode.ncc]
+    if not measured:
+        return None
+    figure = _figure()
+    axes = figure.add_subplot()
+    for index, mode in measured:
+        depth = min(len(curve) for curve in mode.ncc)
+        mean = [statistics.fmean(curve[layer] for curve in mode.ncc) for layer in range(depth)]
+        axes.plot(range(depth), mean, marker="o", color=_colour(index),
+                  linestyle="--" if mode.is_control else "-", label=mode.name)
+    axes.set_xticks(range(max(len(curve) for _, mode in measured for curve in mode.ncc)))
+    axes.set(xlabel="block", ylabel="NCC accuracy", ylim=(0, 1.02))
+    axes.set_title("NCC accuracy per block (etf-hf probe of the trained mode,\nor Adaptive-ETF's last check)",
+                   fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------
+
+
+def default_output(runs: Sequence[Run]) -> Path:
+    """The run folder itself for one run; ``<common parent>/report-<recipe name>`` for several."""
+    if len(runs) == 1:
+        return runs[0].path
+    parent = Path(os.path.commonpath([str(run.path.resolve()) for run in runs]))
+    return parent / f"report-{runs[0].metrics.get('config_name', 'runs')}"
+
+
+def write_report(run_dirs: Sequence[str | Path], output: str | Path | None = None, baseline: str | None = None,
+                 metric: str | None = None) -> tuple[Path, str]:
+    """Read the run folders, write report.md and the PNGs into ``output``; returns (report.md path, markdown)."""
+    if not run_dirs:
+        raise ReportError("give at least one run folder (written by `etf-hf train`)")
+    runs = [load_run(path) for path in run_dirs]
+    check_one_recipe(runs)
+    chosen = choose_metric(runs, metric)
+    modes, baseline = summarize(runs, chosen, baseline)
+    out = Path(output) if output is not None else default_output(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [p for p in (plot_loss_curves(modes, out / "report_training_loss.png"),
+                         plot_metric(modes, chosen, out / "report_metric.png"),
+                         plot_ncc(modes, out / "report_ncc.png")) if p is not None]
+    markdown = render_report(runs, modes, baseline, chosen, plots)
+    report_file = out / "report.md"
+    report_file.write_text(markdown, encoding="utf-8")
+    return report_file, markdown

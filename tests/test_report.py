@@ -1,0 +1,253 @@
+"""`etf-hf report`: statistics checked against independently computed numbers, run-folder errors, and one
+real tiny `etf-hf train` run (with `etf-hf probe` results in its mode folders) turned into a report."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from etf_hf import cli
+from etf_hf.report import ReportError, paired_interval, t_quantile_975, write_report
+from etf_hf.train import DEFAULT_CONFIG
+
+#: Two-sided 95 % Student-t quantiles from printed tables (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2).
+TEXTBOOK_T = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 9: 2.262, 29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000,
+              100: 1.984}
+
+#: Hand-written results of three seeds: (mode, etf, test accuracies by seed 0, 1, 2, trainable %).
+MODES = [
+    ("full", None, [0.90, 0.92, 0.94], 100.0),
+    ("etf", {"layers": "all", "projections": "both", "basis": "orthogonal", "seed": 0}, [0.91, 0.925, 0.96], 35.2),
+    ("gauss", {"layers": "all", "projections": "both", "basis": "gaussian", "seed": 0}, [0.85, 0.87, 0.885], 35.2),
+]
+
+
+def write_run(folder: Path, seed: int, epochs: int = 10, modes: list = MODES, test_examples: int = 400,
+              config: bool = True) -> Path:
+    """A run folder as `etf-hf train` writes it: metrics.json and config.yaml (only the keys the report reads)."""
+    folder.mkdir(parents=True)
+    rows = [{"name": name, "etf": etf, "test_accuracy": accuracies[seed], "test_loss": 1.0 - accuracies[seed],
+             "trainable_percent": percent, "train_time_s": 10.0 + seed,
+             "train_loss": [{"step": step, "loss": 2.0 / step + seed / 10} for step in (1, 2, 3)]}
+            for name, etf, accuracies, percent in modes]
+    metrics = {"config_name": "hand", "task": "image-classification",
+               "data": {"source": "sklearn_digits", "test_fraction": 0.2, "seed": 0, "train_examples": 1600,
+                        "test_examples": test_examples, "num_labels": 10},
+               "environment": {"torch": "2.13.0"}, "modes": rows}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    if not config:
+        return folder
+    config = {"task": "image-classification", "data": {"source": "sklearn_digits", "seed": 0},
+              "modes": [{"name": name, "etf": etf} for name, etf, _, _ in modes],
+              "training": {"num_train_epochs": epochs, "seed": seed}, "output_dir": str(folder)}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+@pytest.fixture
+def three_seeds(tmp_path: Path) -> list[Path]:
+    return [write_run(tmp_path / f"seed{seed}", seed) for seed in (0, 1, 2)]
+
+
+def table_row(markdown: str, mode: str) -> list[str]:
+    line = next(line for line in markdown.splitlines() if line.startswith(f"| {mode} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def expected_interval(mode_accuracies: list[float], base_accuracies: list[float]) -> tuple[float, float, float]:
+    """Mean paired difference (percent points) and its 95 % interval, by the textbook formula."""
+    diffs = 100 * (np.array(mode_accuracies) - np.array(base_accuracies))
+    half = TEXTBOOK_T[len(diffs) - 1] * diffs.std(ddof=1) / math.sqrt(len(diffs))
+    return diffs.mean(), diffs.mean() - half, diffs.mean() + half
+
+
+def test_t_quantile_matches_printed_tables_and_scipy() -> None:
+    for df, value in TEXTBOOK_T.items():
+        assert t_quantile_975(df) == pytest.approx(value, abs=6e-4), df
+    stats = pytest.importorskip("scipy.stats")
+    for df in (*range(1, 80), 120, 500, 10_000):
+        assert t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-5), df
+    with pytest.raises(ValueError, match="df >= 1"):
+        t_quantile_975(0)
+
+
+def test_paired_interval_single_pair_has_no_interval() -> None:
+    interval = paired_interval([0.4])
+    assert interval.mean == 0.4 and interval.low is None and interval.within_noise is None
+
+
+def test_table_has_mean_sd_and_paired_intervals(three_seeds: list[Path], tmp_path: Path) -> None:
+    report_path, markdown = write_report(three_seeds, tmp_path / "out")
+    assert report_path == tmp_path / "out" / "report.md" and report_path.read_text() == markdown
+
+    full = table_row(markdown, "full")
+    accuracies = {name: values for name, _, values, _ in MODES}
+    mean, sd = 100 * np.mean(accuracies["full"]), 100 * np.std(accuracies["full"], ddof=1)
+    assert full[3] == f"{mean:.2f} ± {sd:.2f}" == "92.00 ± 2.00"
+    assert full[4] == "90.00, 92.00, 94.00" and full[5] == "3" and full[6] == "baseline"
+    assert full[1] == "nothing fixed" and full[7] == "100.0" and full[8] == "11.0"  # mean of 10, 11, 12 s
+
+    etf = table_row(markdown, "etf")
+    mean, low, high = expected_interval(accuracies["etf"], accuracies["full"])
+    assert (round(low, 2), round(high, 2)) == (-0.73, 3.06)  # the hand computation this test was written from
+    assert etf[6] == f"+{mean:.2f} [−{-low:.2f}, +{high:.2f}] (within noise)"
+    assert etf[1] == "ETF: orthogonal" and etf[2] == "all / both" and etf[7] == "35.2"
+
+    gauss = table_row(markdown, "gauss")
+    mean, low, high = expected_interval(accuracies["gauss"], accuracies["full"])
+    assert high < 0  # a clear loss: the interval excludes 0 and is not marked as noise
+    assert gauss[6] == f"−{-mean:.2f} [−{-low:.2f}, −{-high:.2f}]"
+    assert gauss[1] == "control: gaussian (not an ETF)"
+    assert "Controls (not ETFs): gauss" in markdown
+
+    assert "Test set: 400 examples; one example is 0.25 points" in markdown
+    assert "training seeds: 0, 1, 2" in markdown
+    for png in ("report_training_loss.png", "report_metric.png"):
+        assert (tmp_path / "out" / png).read_bytes().startswith(b"\x89PNG")
+        assert f"({png})" in markdown
+    assert not (tmp_path / "out" / "report_ncc.png").exists()  # nothing measured NCC
+
+
+def test_baseline_and_metric_options(three_seeds: list[Path], tmp_path: Path) -> None:
+    _, markdown = write_report(three_seeds, tmp_path / "out", baseline="etf", metric="test_loss")
+    assert table_row(markdown, "etf")[6] == "baseline"
+    losses = {name: [1.0 - a for a in values] for name, _, values, _ in MODES}
+    mean, low, high = expected_interval(losses["full"], losses["etf"])
+    assert table_row(markdown, "full")[6].startswith(f"+{mean / 100:.4f} [")  # the loss is not scaled to percent
+    assert "test loss (mean ± sd)" in markdown and "lower is better" in markdown
+
+
+def test_two_seeds_use_the_wide_one_degree_of_freedom_interval(tmp_path: Path) -> None:
+    runs = [write_run(tmp_path / "a", 0), write_run(tmp_path / "b", 1)]
+    _, markdown = write_report(runs, tmp_path / "out")
+    accuracies = {name: values[:2] for name, _, values, _ in MODES}
+    mean, low, high = expected_interval(accuracies["etf"], accuracies["full"])  # t = 12.706
+    assert table_row(markdown, "etf")[5] == "2"
+    assert table_row(markdown, "etf")[6] == f"+{mean:.2f} [−{-low:.2f}, +{high:.2f}] (within noise)"
+
+
+def test_runs_with_different_modes_are_different_recipes(tmp_path: Path) -> None:
+    first = write_run(tmp_path / "a", 0)
+    fewer = write_run(tmp_path / "b", 1, modes=MODES[:2])
+    with pytest.raises(ReportError, match=r"different recipes \(modes has 3 vs 2 entries\)"):
+        write_report([first, fewer])
+
+
+def test_single_run_reports_without_interval_and_writes_into_the_run(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "only", 1)
+    path, markdown = write_report([run])
+    assert path == run / "report.md"
+    assert table_row(markdown, "etf")[6] == "+0.50 (1 seed: no interval)"
+    assert table_row(markdown, "full")[3] == "92.00"
+
+
+def test_runs_without_config_yaml_pair_by_the_seed_in_metrics_json(tmp_path: Path) -> None:
+    runs = [write_run(tmp_path / f"s{seed}", seed, config=False) for seed in (0, 1, 2)]
+    with pytest.raises(ReportError, match="records no training seed"):
+        write_report(runs, tmp_path / "out")
+    for seed, run in enumerate(runs):
+        metrics = json.loads((run / "metrics.json").read_text())
+        (run / "metrics.json").write_text(json.dumps({**metrics, "seed": seed}))
+    _, markdown = write_report(runs, tmp_path / "out")
+    mean, low, high = expected_interval([0.91, 0.925, 0.96], [0.90, 0.92, 0.94])
+    assert table_row(markdown, "etf")[6] == f"+{mean:.2f} [−{-low:.2f}, +{high:.2f}] (within noise)"
+
+
+def test_treatments_perplexity_and_adaptive_locks_from_the_rows(tmp_path: Path) -> None:
+    """Rows as `etf-hf train` writes them for every treatment, with a declared lower-is-better metric."""
+    adaptive = {"settings": {"basis": "nearest", "threshold": 0.9}, "locked": [2, 3],
+                "lock_steps": {"2": 40, "3": 20},
+                "ncc_history": [{"step": 10, "ncc": [0.5, 0.6, 0.7, 0.8]}, {"step": 20, "ncc": [0.6, 0.7, 0.95, 0.97]}]}
+    rows = [
+        {"name": "full", "kind": "full", "etf": None},
+        {"name": "frozen", "kind": "frozen", "etf": None, "frozen": {"layers": "all", "projections": "up"}},
+        {"name": "lora", "kind": "lora", "etf": None, "lora": {"r": 8}},
+        {"name": "etf", "kind": "etf", "etf": {"layers": [2, 3], "projections": "both", "basis": "canonical"}},
+        {"name": "zero", "kind": "etf", "etf": {"layers": [2, 3], "projections": "both", "basis": "zero"}},
+        {"name": "adaptive", "kind": "adaptive", "etf": {"layers": [2, 3], "basis": "nearest"}, "adaptive": adaptive,
+         "trainable_params_end": 600, "total_params": 1000},
+    ]
+    for seed, perplexities in enumerate([(5.0, 5.5, 5.2, 5.1, 6.0, 5.05), (5.2, 5.6, 5.3, 5.4, 6.3, 5.15)]):
+        folder = tmp_path / f"s{seed}"
+        folder.mkdir()
+        modes = [{**row, "test_perplexity": value, "trainable_percent": 100.0}
+                 for row, value in zip(rows, perplexities)]
+        (folder / "metrics.json").write_text(json.dumps({
+            "config_name": "lm", "task": "causal-lm", "seed": seed, "data": {"source": "text", "test_examples": 50},
+            "metric": {"name": "perplexity", "key": "test_perplexity", "higher_is_better": False}, "modes": modes}))
+    _, markdown = write_report([tmp_path / "s0", tmp_path / "s1"], tmp_path / "out")
+    cells = {row["name"]: table_row(markdown, row["name"]) for row in rows}
+    assert [cells[name][1] for name in cells] == [
+        "nothing fixed", "FFN weights frozen (no ETF)", "LoRA r=8", "ETF: canonical", "control: zero (not an ETF)",
+        "Adaptive-ETF (nearest)"]
+    assert cells["frozen"][2] == "all / up" and cells["etf"][2] == "2,3 / both"
+    assert cells["adaptive"][2] == "locked: 2, 3"
+    assert cells["full"][3] == "5.10 ± 0.14" and cells["adaptive"][7] == "100.0 → 60.0"
+    mean, low, high = expected_interval([0.06, 0.063], [0.05, 0.052])  # x100 inside: perplexities 6.0, 6.3 vs 5.0, 5.2
+    assert low > 0 and cells["zero"][6] == f"+{mean:.2f} [+{low:.2f}, +{high:.2f}]"  # clearly worse (higher)
+    assert "test perplexity (mean ± sd)" in markdown and "lower is better" in markdown
+    assert "Test set: 50 examples." in markdown  # no "points per example" for a perplexity
+    assert (tmp_path / "out" / "report_ncc.png").is_file()  # from Adaptive-ETF's NCC history
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("no_metrics", "has no metrics.json"),
+    ("missing_folder", "does not exist"),
+    ("mixed_recipes", "training.num_train_epochs is 10 vs 3"),
+    ("same_seed", "both have training seed 0"),
+    ("bad_baseline", "--baseline 'nope' is not a mode of these runs; modes: full, etf, gauss"),
+    ("bad_metric", "--metric 'test_f1' is not a number in every mode row"),
+    ("not_json", "is not valid JSON"),
+])
+def test_errors_name_the_folder_and_the_fix(problem: str, message: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    good = str(write_run(tmp_path / "good", 0))
+    args = {
+        "no_metrics": [good, str(tmp_path)],
+        "missing_folder": [good, str(tmp_path / "nowhere")],
+        "mixed_recipes": [good, str(write_run(tmp_path / "other", 1, epochs=3))],
+        "same_seed": [good, str(write_run(tmp_path / "again", 0))],
+        "bad_baseline": [good, "--baseline", "nope"],
+        "bad_metric": [good, "--metric", "test_f1"],
+        "not_json": [good, str(tmp_path / "broken")],
+    }[problem]
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.json").write_text("{")
+    assert cli.main(["report", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("etf-hf: error: ") and message in err and "Traceback" not in err
+
+
+#: The quickstart shrunk to seconds (as in tests/test_cli.py): a 1-block, 16-wide ViT, 3 steps per mode.
+TINY = ["model.from_config.hidden_size=16", "model.from_config.num_hidden_layers=1",
+        "model.from_config.num_attention_heads=2", "model.from_config.intermediate_size=32",
+        "training.max_steps=3", "training.logging_steps=1", "training.disable_tqdm=true"]
+
+
+def test_report_of_a_real_tiny_run_with_probed_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", str(DEFAULT_CONFIG), *TINY, f"output_dir={run_dir}"]) == 0
+    for mode in ("full", "etf"):  # option after the recipe, override after the option: all one argument list
+        assert cli.main(["probe", str(DEFAULT_CONFIG), "--checkpoint", str(run_dir / mode), "--samples", "200",
+                         *TINY]) == 0
+        assert (run_dir / mode / "collapse.json").is_file()
+    capsys.readouterr()
+
+    assert cli.main(["report", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    markdown = (run_dir / "report.md").read_text()
+    assert markdown in printed
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rows = {row["name"]: row for row in metrics["modes"]}
+    for name in ("full", "etf"):
+        cells = table_row(markdown, name)
+        assert cells[3] == f"{100 * rows[name]['test_accuracy']:.2f}" and cells[5] == "1"
+        assert cells[7] == f"{rows[name]['trainable_percent']:.1f}"
+    assert "Test set: 360 examples" in markdown and "training seeds: 0." in markdown
+    from matplotlib.image import imread
+    for png in ("report_training_loss.png", "report_metric.png", "report_ncc.png"):
+        assert imread(run_dir / png).ndim == 3, png
