@@ -31,6 +31,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import etf_hf
 from etf_hf import AdaptiveETFCallback, CollapseMLPConfig, ETFConfig, MLPForImageClassification, collapse_report
+from etf_hf.controls import CONTROL_BASES
+from etf_hf.report import paired_interval
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "mlp_fashion_mnist.yaml"
@@ -173,6 +175,45 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def mode_kind(mode: dict[str, Any]) -> str:
+    """``baseline``, ``ETF`` or ``control``: what a table row is, from the basis its frames use."""
+    settings = mode.get("etf") or mode.get("adaptive")
+    if not settings:
+        return "baseline"
+    basis = settings.get("basis", "nearest" if mode.get("adaptive") else "orthogonal")
+    return "control" if basis in CONTROL_BASES else "ETF"
+
+
+def paired_table(results: dict[str, list[dict[str, Any]]], modes: list[dict[str, Any]], test_size: int,
+                 baseline: str = "baseline") -> str:
+    """Markdown: each placement's ETF rows next to their controls, with paired 95 % intervals vs baseline.
+
+    Seeds are paired (same initial weights and data order), so the interval is over per-seed differences;
+    "(noise)" marks one that contains 0. Final-epoch accuracy only.
+    """
+    reference = {r["seed"]: r["test_accuracy"] for r in results[baseline]}
+    lines = [f"Test set: {test_size:,} images; final-epoch accuracy; mean ± sd over seeds; Δ = paired difference "
+             "to the baseline of the same seed, 95 % t-interval.", "",
+             "| placement | mode | kind | test accuracy % | per seed | Δ vs baseline (95 % CI) | trainable | locks (block@epoch) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mode in (m for m in modes if m["name"] in results):
+        runs = results[mode["name"]]
+        values = [100 * r["test_accuracy"] for r in runs]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        delta = "–"
+        if mode["name"] != baseline:
+            interval = paired_interval([100 * (r["test_accuracy"] - reference[r["seed"]]) for r in runs])
+            delta = f"{interval.mean:+.2f}"
+            if interval.low is not None:
+                delta += f" [{interval.low:+.2f}, {interval.high:+.2f}]" + (" (noise)" if interval.within_noise else "")
+        locks = "; ".join(", ".join(f"b{b}@{e}" for b, e in r["lock_epochs"].items()) or "none"
+                          for r in runs) if runs[0]["adaptive"] else "–"
+        trainable = "/".join(f"{t:,}" for t in sorted({r["trainable_params"] for r in runs}))
+        lines.append(f"| {mode.get('group', '')} | {mode['name']} | {mode_kind(mode)} | {statistics.mean(values):.2f} ± "
+                     f"{spread:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {delta} | {trainable} | {locks} |")
+    return "\n".join(lines)
+
+
 def plot_ncc_curves(results: dict[str, list[dict[str, Any]]], path: Path, threshold: float | None) -> Path:
     import matplotlib
 
@@ -216,6 +257,29 @@ def set_key(config: dict[str, Any], assignment: str) -> None:
         raise SystemExit(f"--set {assignment!r}: no such key in the config") from None
 
 
+def print_merged_table(run_dirs: list[Path], config_path: Path) -> None:
+    """One table from runs made in several invocations (e.g. the controls added later), in config order.
+
+    Refuses runs whose data or training settings differ: their rows would not be comparable.
+    """
+    results: dict[str, list[dict[str, Any]]] = {}
+    settings = set()
+    for run_dir in run_dirs:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        settings.add(json.dumps([metrics["data_source"], metrics["config"]["training"], metrics["config"]["model"],
+                                 metrics["config"]["data"], metrics["config"]["seeds"]], sort_keys=True))
+        for name, runs in metrics["results"].items():
+            if name in results:
+                raise SystemExit(f"mode {name!r} appears in more than one of {run_dirs}")
+            results[name] = runs
+    if len(settings) != 1:
+        raise SystemExit(f"the runs in {run_dirs} differ in data, model, training or seeds: not one table")
+    config = yaml.safe_load(config_path.read_text())
+    data = json.loads(settings.pop())[3]
+    splits, _ = load_fashion_mnist(data)
+    print(paired_table(results, config["modes"], len(splits["test"][1])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -224,7 +288,12 @@ def main() -> None:
                              "data.train_limit=2000 modes.3.adaptive.patience=1")
     parser.add_argument("--modes", nargs="+", help="run only these modes (by name)")
     parser.add_argument("--output-dir", type=Path, help="overrides output_dir")
+    parser.add_argument("--table", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="train nothing: merge these runs' metrics.json into one paired table (markdown)")
     options = parser.parse_args()
+    if options.table:
+        print_merged_table(options.table, options.config)
+        return
 
     config = yaml.safe_load(options.config.read_text())
     for assignment in options.set:

@@ -1,16 +1,17 @@
-"""A small ViT trained from scratch on Fashion-MNIST: full training vs every FFN fixed to an ETF, per basis.
+"""A small ViT trained from scratch on Fashion-MNIST: full training vs every FFN fixed to an ETF, per basis,
+and vs the controls at the same placement (a norm-matched Gaussian, zeroed weights, the random init frozen).
 
 Uses transformers' Trainer directly (patch -> train -> evaluate). Data: ../shared/data/fashion_mnist's
 class-balanced subset (6,000 train / 2,000 test) by default. Reports final-epoch test accuracy, mean ± sd
 over seeds and the paired difference to full training with a 95 % t-interval.
 
     python examples/vit_fashion_mnist.py --epochs 10 --seeds 0 1 2 --json runs/vit_fmnist.json
+    python examples/vit_fashion_mnist.py --modes etf-gaussian --include runs/vit_fmnist.json   # add a row
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -20,9 +21,10 @@ import torch
 from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
 
 import etf_hf
+from etf_hf.controls import CONTROL_BASES
+from etf_hf.report import paired_interval
 
 REPO = Path(__file__).resolve().parents[1]
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95 % t quantiles by degrees of freedom
 
 
 class Images(torch.utils.data.Dataset):
@@ -44,7 +46,7 @@ def build(seed: int, mode: str, args: argparse.Namespace) -> ViTForImageClassifi
         image_size=28, patch_size=7, num_channels=1, num_labels=10, hidden_size=args.hidden,
         num_hidden_layers=args.layers, num_attention_heads=4, intermediate_size=4 * args.hidden))
     if mode != "full":
-        etf_hf.patch(model, etf_hf.ETFConfig(basis=mode.removeprefix("etf-"), seed=seed))
+        etf_hf.patch(model, etf_hf.ETFConfig(basis=mode.split("-", 1)[1], seed=seed))
     return model
 
 
@@ -68,30 +70,43 @@ def run(seed: int, mode: str, train: Images, test: Images, args: argparse.Namesp
             "trainable": summary["trainable"], "total": summary["total"]}
 
 
-def table(results: list[dict], modes: list[str]) -> str:
+def mode_kind(mode: str) -> str:
+    """``baseline``, ``ETF`` or ``control`` (a fixed weight that is not an ETF, see etf_hf.controls)."""
+    if mode == "full":
+        return "baseline"
+    return "control" if mode.split("-", 1)[1] in CONTROL_BASES else "ETF"
+
+
+def table(results: list[dict], modes: list[str], test_size: int) -> str:
     baseline = {r["seed"]: r["accuracy"] for r in results if r["mode"] == "full"}
-    lines = ["| mode | test accuracy % (mean ± sd) | per seed | Δ vs full, paired (95 % CI) | trainable % |",
-             "|---|---|---|---|---|"]
+    lines = [f"Test set: {test_size:,} images; final-epoch accuracy; Δ = paired difference to full training of the "
+             "same seed, 95 % t-interval; \"(noise)\" marks an interval containing 0.", "",
+             "| mode | kind | test accuracy % (mean ± sd) | per seed | Δ vs full, paired (95 % CI) | trainable % |",
+             "|---|---|---|---|---|---|"]
     for mode in modes:
         runs = [r for r in results if r["mode"] == mode]
         accs = [100 * r["accuracy"] for r in runs]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         delta = "–"
-        if mode != "full" and baseline and len(runs) > 1:
-            diffs = [100 * (r["accuracy"] - baseline[r["seed"]]) for r in runs]
-            mean = statistics.mean(diffs)
-            half = T_975[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
-            delta = f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]" + (" (noise)" if abs(mean) <= half else "")
+        if mode != "full" and baseline:
+            interval = paired_interval([100 * (r["accuracy"] - baseline[r["seed"]]) for r in runs])
+            delta = f"{interval.mean:+.2f}"
+            if interval.low is not None:
+                delta += f" [{interval.low:+.2f}, {interval.high:+.2f}]" + (" (noise)" if interval.within_noise else "")
         share = 100 * runs[0]["trainable"] / runs[0]["total"]
-        lines.append(f"| {mode} | {statistics.mean(accs):.2f} ± {sd:.2f} | {', '.join(f'{a:.2f}' for a in accs)} "
-                     f"| {delta} | {share:.1f} |")
+        label = mode.replace("etf-", "control-") if mode_kind(mode) == "control" else mode
+        lines.append(f"| {label} | {mode_kind(mode)} | {statistics.mean(accs):.2f} ± {sd:.2f} | "
+                     f"{', '.join(f'{a:.2f}' for a in accs)} | {delta} | {share:.1f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "fashion_mnist")
-    parser.add_argument("--modes", nargs="+", default=["full", "etf-canonical", "etf-orthogonal", "etf-structured"])
+    parser.add_argument("--modes", nargs="+", default=["full", "etf-canonical", "etf-orthogonal", "etf-structured",
+                                                        "etf-gaussian", "etf-zero", "etf-frozen"],
+                        help="full, or etf-<basis> with an ETF basis or a control (gaussian, zero, frozen; "
+                             "also spelled control-<basis>)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=float, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -99,13 +114,25 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--output", type=Path, default=REPO / "runs" / "vit_fashion_mnist")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--include", nargs="+", type=Path, default=[], metavar="JSON",
+                        help="results of earlier runs (their --json files, same settings) to add to the table")
     args = parser.parse_args()
     torch.set_num_threads(1)
     train, test = Images(args.data / "train.npz"), Images(args.data / "test.npz")
-    results = [run(seed, mode, train, test, args) for seed in args.seeds for mode in args.modes]
+    earlier = [json.loads(path.read_text()) for path in args.include]
+    for path, previous in zip(args.include, earlier):
+        differing = {key for key in ("epochs", "lr", "hidden", "layers", "seeds")
+                     if previous["args"][key] != str(vars(args)[key])}
+        if differing:
+            raise SystemExit(f"--include {path}: ran with different {sorted(differing)}; its rows are not comparable")
+    done = {(r["mode"], r["seed"]) for previous in earlier for r in previous["results"]}
+    results = [r for previous in earlier for r in previous["results"]]
+    results += [run(seed, mode, train, test, args) for seed in args.seeds for mode in args.modes
+                if (mode, seed) not in done]
+    modes = list(dict.fromkeys(["full", *(r["mode"] for r in results), *args.modes]))
     print(f"ViT {args.layers} x {args.hidden} (patch 7) from scratch, Fashion-MNIST {len(train)} train / "
           f"{len(test)} test, {args.epochs:g} epochs, seeds {args.seeds}, torch {torch.__version__}")
-    print(table(results, args.modes))
+    print(table(results, modes, len(test)))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
