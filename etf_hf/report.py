@@ -247,6 +247,7 @@ class ModeSummary:
     values: dict[int | None, float] = field(default_factory=dict)
     trainable_percent: list[float] = field(default_factory=list)
     trainable_percent_end: list[float] = field(default_factory=list)
+    trainable_excl_embeddings: list[int] = field(default_factory=list)
     train_time_s: list[float] = field(default_factory=list)
     loss_curves: list[list[dict[str, float]]] = field(default_factory=list)
     ncc: list[list[float]] = field(default_factory=list)
@@ -299,7 +300,8 @@ class ModeSummary:
             return f"target_modules {selection['target_modules']}"
         layers = selection.get("layers", "all")
         layers = ",".join(map(str, layers)) if isinstance(layers, list) else str(layers)
-        return f"{layers} / {selection.get('projections', 'both')}"
+        head = " + ETF head" if selection.get("head") else ""
+        return f"{layers} / {selection.get('projections', 'both')}{head}"
 
 
 def choose_metric(runs: Sequence[Run], key: str | None) -> Metric:
@@ -348,6 +350,8 @@ def summarize(runs: Sequence[Run], metric: Metric, baseline: str | None = None) 
                 mode.trainable_percent.append(float(row["trainable_percent"]))
             if isinstance(row.get("trainable_params_end"), int) and row.get("total_params"):
                 mode.trainable_percent_end.append(100 * row["trainable_params_end"] / row["total_params"])
+            if isinstance(row.get("trainable_params_excl_embeddings"), int):
+                mode.trainable_excl_embeddings.append(row["trainable_params_excl_embeddings"])
             if isinstance(row.get("train_time_s"), (int, float)):
                 mode.train_time_s.append(float(row["train_time_s"]))
             if row.get("train_loss"):
@@ -429,13 +433,19 @@ def _trainable_cell(mode: ModeSummary) -> str:
 def render_table(modes: Sequence[ModeSummary], baseline: str, metric: Metric) -> str:
     """The markdown comparison table: one row per mode."""
     digits = metric.digits
+    # Shown when the runs recorded it: a text model's embedding matrix can be half its weights.
+    excl = any(mode.trainable_excl_embeddings for mode in modes)
     lines = [f"| mode | FFN treatment | placement | {metric.label} (mean ± sd) | per seed | n "
-             f"| Δ vs {baseline}, paired (95 % CI) | trainable % | train time (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| Δ vs {baseline}, paired (95 % CI) | trainable % |"
+             + (" trainable excl. input embeddings |" if excl else "") + " train time (s) |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if excl else "") + "---|"]
     for mode in modes:
         ordered = sorted(mode.values.items(), key=lambda item: (item[0] is None, item[0] or 0))
         per_seed = ", ".join(_plain(v, digits) for _, v in ordered)
         trainable = _trainable_cell(mode)
+        if excl:
+            counts = sorted(set(mode.trainable_excl_embeddings))
+            trainable += " | " + ("/".join(f"{count:,}" for count in counts) if counts else "?")
         seconds = f"{statistics.fmean(mode.train_time_s):.1f}" if mode.train_time_s else "?"
         lines.append(f"| {mode.name} | {mode.kind} | {mode.placement} | {_mean_sd(list(mode.values.values()), digits)} "
                      f"| {per_seed} | {len(mode.values)} | {_delta_cell(mode, baseline, digits)} | {trainable} "

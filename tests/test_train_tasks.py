@@ -99,6 +99,10 @@ def test_sequence_classification_run_with_every_kind_of_mode(tmp_path: Path, cap
     assert adaptive["adaptive"]["locked"] == [0, 1] and adaptive["etf"]["layers"] == [0, 1]
     assert adaptive["trainable_params_end"] < adaptive["trainable_params"] == full["trainable_params"]
     assert len(adaptive["adaptive"]["ncc_history"]) == 3
+    embedding = full["trainable_params_end"] - full["trainable_params_excl_embeddings"]
+    assert embedding > 0 and embedding % 32 == 0                # the (vocab x 32) input embedding matrix
+    assert rows["etf"]["trainable_params_excl_embeddings"] == rows["etf"]["trainable_params_end"] - embedding
+    assert rows["lora"]["trainable_params_excl_embeddings"] == rows["lora"]["trainable_params_end"]  # frozen by LoRA
 
     table = capsys.readouterr().out
     assert "test acc" in table and "-> " in table             # Adaptive-ETF's locks show in the table
