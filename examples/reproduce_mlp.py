@@ -184,33 +184,50 @@ def mode_kind(mode: dict[str, Any]) -> str:
     return "control" if basis in CONTROL_BASES else "ETF"
 
 
+def _paired_cell(runs: list[dict[str, Any]], reference: dict[int, float]) -> str:
+    """Mean per-seed difference (points) to ``reference`` with its 95 % t-interval; "(noise)" if it holds 0."""
+    interval = paired_interval([100 * (r["test_accuracy"] - reference[r["seed"]]) for r in runs])
+    cell = f"{interval.mean:+.2f}"
+    if interval.low is not None:
+        cell += f" [{interval.low:+.2f}, {interval.high:+.2f}]" + (" (noise)" if interval.within_noise else "")
+    return cell
+
+
 def paired_table(results: dict[str, list[dict[str, Any]]], modes: list[dict[str, Any]], test_size: int,
                  baseline: str = "baseline") -> str:
-    """Markdown: each placement's ETF rows next to their controls, with paired 95 % intervals vs baseline.
+    """Markdown: each placement's ETF row next to its controls, with paired 95 % intervals.
 
-    Seeds are paired (same initial weights and data order), so the interval is over per-seed differences;
-    "(noise)" marks one that contains 0. Final-epoch accuracy only.
+    Seeds are paired (same initial weights and data order), so intervals are over per-seed differences;
+    "(noise)" marks one that contains 0. Two references: the baseline, and the first ETF row of the same
+    placement (for a control: does the ETF geometry beat a non-ETF fixed weight in the same place?).
+    Final-epoch accuracy only.
     """
-    reference = {r["seed"]: r["test_accuracy"] for r in results[baseline]}
+    per_seed = lambda name: {r["seed"]: r["test_accuracy"] for r in results[name]}  # noqa: E731
+    ran = [m for m in modes if m["name"] in results]
+    groups = list(dict.fromkeys(m.get("group", "") for m in ran))
+    ran.sort(key=lambda m: groups.index(m.get("group", "")))  # stable: config order inside a placement
+    group_etf = {}
+    for mode in ran:
+        if mode_kind(mode) == "ETF":
+            group_etf.setdefault(mode.get("group", ""), mode["name"])
     lines = [f"Test set: {test_size:,} images; final-epoch accuracy; mean ± sd over seeds; Δ = paired difference "
-             "to the baseline of the same seed, 95 % t-interval.", "",
-             "| placement | mode | kind | test accuracy % | per seed | Δ vs baseline (95 % CI) | trainable | locks (block@epoch) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for mode in (m for m in modes if m["name"] in results):
+             "(same seed), 95 % t-interval, \"(noise)\" when it contains 0.", "",
+             "| placement | mode | kind | test accuracy % | per seed | Δ vs baseline | Δ vs the ETF at this placement "
+             "| trainable | locks (block@epoch) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for mode in ran:
         runs = results[mode["name"]]
         values = [100 * r["test_accuracy"] for r in runs]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        delta = "–"
-        if mode["name"] != baseline:
-            interval = paired_interval([100 * (r["test_accuracy"] - reference[r["seed"]]) for r in runs])
-            delta = f"{interval.mean:+.2f}"
-            if interval.low is not None:
-                delta += f" [{interval.low:+.2f}, {interval.high:+.2f}]" + (" (noise)" if interval.within_noise else "")
+        vs_baseline = "–" if mode["name"] == baseline else _paired_cell(runs, per_seed(baseline))
+        etf = group_etf.get(mode.get("group", ""))
+        vs_etf = _paired_cell(runs, per_seed(etf)) if mode_kind(mode) == "control" and etf else "–"
         locks = "; ".join(", ".join(f"b{b}@{e}" for b, e in r["lock_epochs"].items()) or "none"
                           for r in runs) if runs[0]["adaptive"] else "–"
         trainable = "/".join(f"{t:,}" for t in sorted({r["trainable_params"] for r in runs}))
         lines.append(f"| {mode.get('group', '')} | {mode['name']} | {mode_kind(mode)} | {statistics.mean(values):.2f} ± "
-                     f"{spread:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {delta} | {trainable} | {locks} |")
+                     f"{spread:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {vs_baseline} | {vs_etf} | {trainable} "
+                     f"| {locks} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,84 @@
+"""The committed tables' scripts at tiny sizes: examples/reproduce_mlp.py and examples/vit_fashion_mnist.py.
+
+Both need Fashion-MNIST (Debian's dataset-fashion-mnist or ../shared/data) and skip cleanly without it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples"))
+
+import reproduce_mlp  # noqa: E402
+
+pytestmark = pytest.mark.slow
+SHARED_FMNIST = REPO.parent / "shared" / "data" / "fashion_mnist"
+
+
+def run_script(*args: str, timeout: int = 600) -> str:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def table_rows(markdown: str, key_column: int) -> dict[str, list[str]]:
+    """Markdown table rows (header skipped) keyed by one column's text."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith("| ")]
+    return {cells[key_column]: cells for cells in rows[1:]}
+
+
+def test_mlp_reproduction_puts_controls_next_to_the_etf_with_paired_intervals(tmp_path: Path) -> None:
+    if reproduce_mlp.debian_files() is None and not SHARED_FMNIST.exists():
+        pytest.skip("no Fashion-MNIST (apt install dataset-fashion-mnist, or ../shared/data)")
+    tiny = ["--set", "training.epochs=1", "seeds=[0,1]", "data.train_limit=512", "data.test_limit=256",
+            "data.probe_size=256", "model.hidden_size=32"]
+    script = str(REPO / "examples" / "reproduce_mlp.py")
+    run_script(script, *tiny, "--modes", "baseline", "etf_last_3", "--output-dir", str(tmp_path / "a"))
+    run_script(script, *tiny, "--modes", "ctl_zero_last_3", "ctl_frozen_last_3", "--output-dir", str(tmp_path / "b"))
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert [r["seed"] for r in metrics["results"]["ctl_zero_last_3"]] == [0, 1]
+
+    table = run_script(script, *tiny, "--table", str(tmp_path / "a"), str(tmp_path / "b"))
+    rows = table_rows(table, key_column=1)
+    assert list(rows) == ["baseline", "etf_last_3", "ctl_zero_last_3", "ctl_frozen_last_3"]  # grouped by placement
+    assert rows["etf_last_3"][2] == "ETF" and rows["ctl_zero_last_3"][2] == "control"
+    zero = [r["test_accuracy"] for r in metrics["results"]["ctl_zero_last_3"]]
+    etf = [r["test_accuracy"] for r in json.loads((tmp_path / "a" / "metrics.json").read_text())["results"]["etf_last_3"]]
+    mean_difference = 100 * sum(z - e for z, e in zip(zero, etf)) / 2
+    assert rows["ctl_zero_last_3"][6].startswith(f"{mean_difference:+.2f} [")    # Δ vs the ETF at this placement
+    assert rows["etf_last_3"][6] == "–" and "Test set: 256 images" in table
+
+
+def test_mlp_table_refuses_runs_with_different_settings(tmp_path: Path) -> None:
+    if reproduce_mlp.debian_files() is None and not SHARED_FMNIST.exists():
+        pytest.skip("no Fashion-MNIST (apt install dataset-fashion-mnist, or ../shared/data)")
+    script = str(REPO / "examples" / "reproduce_mlp.py")
+    tiny = ["training.epochs=1", "seeds=[0]", "data.train_limit=256", "data.test_limit=128", "data.probe_size=128",
+            "model.hidden_size=16"]
+    run_script(script, "--set", *tiny, "--modes", "baseline", "--output-dir", str(tmp_path / "a"))
+    run_script(script, "--set", *tiny, "training.learning_rate=0.1", "--modes", "etf_last_3",
+               "--output-dir", str(tmp_path / "b"))
+    result = subprocess.run([sys.executable, script, "--table", str(tmp_path / "a"), str(tmp_path / "b")],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode != 0 and "differ in data, model, training or seeds" in result.stderr
+
+
+def test_vit_table_labels_controls_and_adds_rows_to_earlier_results(tmp_path: Path) -> None:
+    if not SHARED_FMNIST.exists():
+        pytest.skip("../shared/data/fashion_mnist is absent")
+    script = str(REPO / "examples" / "vit_fashion_mnist.py")
+    common = ["--epochs", "0.1", "--seeds", "0", "1", "--hidden", "16", "--layers", "1", "--output", str(tmp_path)]
+    run_script(script, *common, "--modes", "full", "etf-orthogonal", "--json", str(tmp_path / "first.json"))
+    table = run_script(script, *common, "--modes", "control-zero", "--include", str(tmp_path / "first.json"))
+    rows = table_rows(table, key_column=0)
+    assert list(rows) == ["full", "etf-orthogonal", "control-zero"]
+    assert rows["etf-orthogonal"][1] == "ETF" and rows["control-zero"][1] == "control"
+    assert "[" in rows["control-zero"][4] and "Test set: 2,000 images" in table
