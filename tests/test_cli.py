@@ -29,7 +29,8 @@ def test_tiny_run_writes_metrics_plot_and_models(tmp_path: Path, capsys: pytest.
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     modes = {m["name"]: m for m in metrics["modes"]}
-    assert set(modes) == {"full", "etf"}
+    assert set(modes) == {"full", "etf", "control-gaussian"}
+    assert modes["control-gaussian"]["trainable_params"] == modes["etf"]["trainable_params"]   # same placement
     assert metrics["config_name"] == "tiny"
     assert modes["etf"]["trainable_params"] < modes["full"]["trainable_params"]
     assert modes["full"]["trainable_percent"] == 100 and modes["etf"]["etf_fixed_params"] > 0
@@ -55,8 +56,9 @@ def test_packaged_default_config_is_the_quickstart(capsys: pytest.CaptureFixture
     raw, name = load_config(None)
     spec = validate(raw, name)
     assert name == "quickstart" and spec.task == "image-classification"
-    assert [m.name for m in spec.modes] == ["full", "etf"]
+    assert [m.name for m in spec.modes] == ["full", "etf", "control-gaussian"]
     assert spec.modes[0].etf is None and spec.modes[1].etf.basis == "orthogonal"
+    assert spec.modes[2].etf.basis == "gaussian" and spec.modes[2].etf.layers == spec.modes[1].etf.layers
     assert cli.main(["train", "--print-config"]) == 0
     assert "sklearn_digits" in capsys.readouterr().out
     top_level = REPO_ROOT / "configs" / "quickstart.yaml"
