@@ -83,6 +83,14 @@ class Interval:
         return self.low <= 0 <= self.high
 
 
+def format_interval(interval: Interval, digits: int = 2) -> str:
+    """``+0.27 [−0.72, +1.26] (within noise)``: the one spelling of a paired difference in every table."""
+    if interval.low is None or interval.high is None:
+        return f"{_signed(interval.mean, digits)} (1 seed: no interval)"
+    cell = f"{_signed(interval.mean, digits)} [{_signed(interval.low, digits)}, {_signed(interval.high, digits)}]"
+    return cell + (" (within noise)" if interval.within_noise else "")
+
+
 def paired_interval(differences: Sequence[float]) -> Interval:
     """Mean difference ± t(0.975; n-1) · sd / sqrt(n) over ``n`` paired seeds."""
     if not differences:
@@ -409,10 +417,7 @@ def _delta_cell(mode: ModeSummary, baseline: str, digits: int) -> str:
     interval = mode.delta
     if interval is None:
         return "no seed shared with the baseline"
-    if interval.low is None or interval.high is None:
-        return f"{_signed(interval.mean, digits)} (1 seed: no interval)"
-    cell = f"{_signed(interval.mean, digits)} [{_signed(interval.low, digits)}, {_signed(interval.high, digits)}]"
-    return cell + (" (within noise)" if interval.within_noise else "")
+    return format_interval(interval, digits)
 
 
 def _mean_sd(values: Sequence[float], digits: int) -> str:

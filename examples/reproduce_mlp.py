@@ -32,7 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 import etf_hf
 from etf_hf import AdaptiveETFCallback, CollapseMLPConfig, ETFConfig, MLPForImageClassification, collapse_report
 from etf_hf.controls import CONTROL_BASES
-from etf_hf.report import paired_interval
+from etf_hf.report import format_interval, paired_interval
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "mlp_fashion_mnist.yaml"
@@ -185,12 +185,8 @@ def mode_kind(mode: dict[str, Any]) -> str:
 
 
 def _paired_cell(runs: list[dict[str, Any]], reference: dict[int, float]) -> str:
-    """Mean per-seed difference (points) to ``reference`` with its 95 % t-interval; "(noise)" if it holds 0."""
-    interval = paired_interval([100 * (r["test_accuracy"] - reference[r["seed"]]) for r in runs])
-    cell = f"{interval.mean:+.2f}"
-    if interval.low is not None:
-        cell += f" [{interval.low:+.2f}, {interval.high:+.2f}]" + (" (noise)" if interval.within_noise else "")
-    return cell
+    """Mean per-seed difference (points) to ``reference`` with its 95 % t-interval."""
+    return format_interval(paired_interval([100 * (r["test_accuracy"] - reference[r["seed"]]) for r in runs]))
 
 
 def paired_table(results: dict[str, list[dict[str, Any]]], modes: list[dict[str, Any]], test_size: int,
@@ -198,7 +194,7 @@ def paired_table(results: dict[str, list[dict[str, Any]]], modes: list[dict[str,
     """Markdown: each placement's ETF row next to its controls, with paired 95 % intervals.
 
     Seeds are paired (same initial weights and data order), so intervals are over per-seed differences;
-    "(noise)" marks one that contains 0. Two references: the baseline, and the first ETF row of the same
+    "(within noise)" marks one that contains 0. Two references: the baseline, and the first ETF row of the same
     placement (for a control: does the ETF geometry beat a non-ETF fixed weight in the same place?).
     Final-epoch accuracy only.
     """
@@ -211,7 +207,7 @@ def paired_table(results: dict[str, list[dict[str, Any]]], modes: list[dict[str,
         if mode_kind(mode) == "ETF":
             group_etf.setdefault(mode.get("group", ""), mode["name"])
     lines = [f"Test set: {test_size:,} images; final-epoch accuracy; mean ± sd over seeds; Δ = paired difference "
-             "(same seed), 95 % t-interval, \"(noise)\" when it contains 0.", "",
+             "(same seed), 95 % t-interval.", "",
              "| placement | mode | kind | test accuracy % | per seed | Δ vs baseline | Δ vs the ETF at this placement "
              "| trainable | locks (block@epoch) |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -22,7 +22,7 @@ from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClass
 
 import etf_hf
 from etf_hf.controls import CONTROL_BASES
-from etf_hf.report import paired_interval
+from etf_hf.report import format_interval, paired_interval
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def mode_kind(mode: str) -> str:
 def table(results: list[dict], modes: list[str], test_size: int) -> str:
     baseline = {r["seed"]: r["accuracy"] for r in results if r["mode"] == "full"}
     lines = [f"Test set: {test_size:,} images; final-epoch accuracy; Δ = paired difference to full training of the "
-             "same seed, 95 % t-interval; \"(noise)\" marks an interval containing 0.", "",
+             "same seed, 95 % t-interval.", "",
              "| mode | kind | test accuracy % (mean ± sd) | per seed | Δ vs full, paired (95 % CI) | trainable % |",
              "|---|---|---|---|---|---|"]
     for mode in modes:
@@ -89,10 +89,7 @@ def table(results: list[dict], modes: list[str], test_size: int) -> str:
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         delta = "–"
         if mode != "full" and baseline:
-            interval = paired_interval([100 * (r["accuracy"] - baseline[r["seed"]]) for r in runs])
-            delta = f"{interval.mean:+.2f}"
-            if interval.low is not None:
-                delta += f" [{interval.low:+.2f}, {interval.high:+.2f}]" + (" (noise)" if interval.within_noise else "")
+            delta = format_interval(paired_interval([100 * (r["accuracy"] - baseline[r["seed"]]) for r in runs]))
         share = 100 * runs[0]["trainable"] / runs[0]["total"]
         label = mode.replace("etf-", "control-") if mode_kind(mode) == "control" else mode
         lines.append(f"| {label} | {mode_kind(mode)} | {statistics.mean(accs):.2f} ± {sd:.2f} | "

@@ -53,7 +53,7 @@ def test_mlp_reproduction_puts_controls_next_to_the_etf_with_paired_intervals(tm
     zero = [r["test_accuracy"] for r in metrics["results"]["ctl_zero_last_3"]]
     etf = [r["test_accuracy"] for r in json.loads((tmp_path / "a" / "metrics.json").read_text())["results"]["etf_last_3"]]
     mean_difference = 100 * sum(z - e for z, e in zip(zero, etf)) / 2
-    assert rows["ctl_zero_last_3"][6].startswith(f"{mean_difference:+.2f} [")    # Δ vs the ETF at this placement
+    assert rows["ctl_zero_last_3"][6].startswith(f"{mean_difference:+.2f} [".replace("-", "−"))  # Δ vs the ETF here
     assert rows["etf_last_3"][6] == "–" and "Test set: 256 images" in table
 
 
