@@ -21,6 +21,7 @@ examples:
   etf-hf train my.yaml                           # your recipe
   etf-hf train training.num_train_epochs=2       # the quickstart with an override
   etf-hf train my.yaml modes.1.etf.basis=canonical output_dir=runs/canonical
+  etf-hf train my.yaml --only etf_canonical,lora training.seed=1 output_dir=runs/s1-more
 
 overrides address nested keys with dots (list items by index) and parse values as YAML.
 """
@@ -52,13 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"etf-hf {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = commands.add_parser("train", help="train a recipe's modes side by side and compare them",
-                                usage="etf-hf train [-h] [--print-config] [CONFIG.yaml] [key=value ...]",
+                                usage="etf-hf train [-h] [--print-config] [--only MODE,...] [CONFIG.yaml] [key=value ...]",
                                 description="Train every mode of a YAML recipe with transformers.Trainer and print\n"
                                 "a summary table; writes metrics.json, config.yaml, PNG plots and each mode's\n"
                                 "trained model to the run folder (default runs/<config name>-<timestamp>).",
                                 epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value",
                        help="recipe file (default: the packaged quickstart.yaml), then overrides")
+    train.add_argument("--only", action="append", metavar="MODE[,MODE...]", help="train only these modes of the recipe "
+                       "(rows added to a finished table: etf-hf report pairs folders of one seed that hold different "
+                       "modes); repeatable")
     train.add_argument("--print-config", action="store_true",
                        help="print the recipe after overrides and validation, then exit without training")
     report = commands.add_parser("report", help="compare run folders (seeds of one recipe): markdown table with "
@@ -104,12 +108,14 @@ def split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
-def train_command(args: list[str], print_config: bool) -> int:
-    from .train import apply_overrides, load_config, run, summary, validate
+def train_command(args: list[str], print_config: bool, only: list[str] | None = None) -> int:
+    from .train import apply_overrides, load_config, run, select_modes, summary, validate
 
     path, overrides = split_train_args(args)
     raw, name = load_config(path)
     spec = validate(apply_overrides(raw, overrides), name)
+    if only:
+        spec = select_modes(spec, [name for names in only for name in names.split(",") if name])
     if print_config:
         print(yaml.safe_dump(spec.raw, sort_keys=False), end="")
         return 0
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             return report_command(options)
         if options.command == "probe":
             return probe_command(options)
-        return train_command(options.args, options.print_config)
+        return train_command(options.args, options.print_config, options.only)
     except (ConfigError, ReportError) as error:
         print(f"etf-hf: error: {error}", file=sys.stderr)
         return 2

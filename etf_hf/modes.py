@@ -12,6 +12,9 @@ initial weights, data order and `TrainingArguments`::
       lora: {r: 8}                                 #   attention projections of gpt2/bert/vit, heads trained
     - name: adaptive                     # Adaptive-ETF: AdaptiveETFCallback settings (probe: probe_size
       adaptive: {threshold: 0.9, patience: 3, every: epoch, basis: nearest}   #   random training examples)
+    - name: lora_lr1e-3                  # any mode may override TrainingArguments fields (not the seed)
+      lora: {r: 8}                                 #   for itself: adapters usually want a larger
+      training: {learning_rate: 1.0e-3}            #   learning rate than full fine-tuning
 
 An ``etf`` mode with ``layers: auto`` (or, on a pretrained model, with ``layers`` unset) has `etf_hf.patch`
 choose the blocks by nearest-class-mean accuracy on `PROBE_SIZE` random training examples.
@@ -57,6 +60,8 @@ class ModeSpec:
     frozen: dict[str, Any] | None = None
     lora: dict[str, Any] | None = None
     adaptive: dict[str, Any] | None = None
+    #: The mode's own TrainingArguments fields over the recipe's ``training`` (checked by `etf_hf.train`).
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -75,7 +80,7 @@ def validate_modes(value: Any, has_labels: bool, model_type: str, training: dict
     for i, mode in enumerate(value):
         where = f"modes[{i}]"
         expect(mode, dict, where, "a mapping with 'name' and at most one of " + ", ".join(TREATMENTS))
-        reject_unknown(mode, ("name", *TREATMENTS), where)
+        reject_unknown(mode, ("name", "training", *TREATMENTS), where)
         name = expect(mode.get("name"), str, f"{where}.name", "a name made of letters, digits, '_', '-', '.'")
         if not _MODE_NAME.fullmatch(name) or name in {m.name for m in modes}:
             raise ConfigError(f"{where}.name {name!r} must be unique and made of letters, digits, '_', '-', '.'")
@@ -83,13 +88,26 @@ def validate_modes(value: Any, has_labels: bool, model_type: str, training: dict
         if len(treatments) > 1:
             raise ConfigError(f"{where} sets {' and '.join(treatments)}; a mode takes at most one of "
                               f"{', '.join(TREATMENTS)} (make one mode for each)")
-        spec = ModeSpec(name)
+        spec = ModeSpec(name, training=_validate_mode_training(mode.get("training"), f"{where}.training"))
         if treatments:
             key = treatments[0]
             settings = expect(mode[key], dict, f"{where}.{key}", "a mapping (may be empty: {})")
-            setattr(spec, key, _VALIDATORS[key](settings, f"{where}.{key}", has_labels, model_type, training))
+            setattr(spec, key, _VALIDATORS[key](settings, f"{where}.{key}", has_labels, model_type,
+                                                {**training, **spec.training}))
         modes.append(spec)
     return modes
+
+
+def _validate_mode_training(value: Any, where: str) -> dict[str, Any]:
+    """A mode's ``training`` overrides; the keys and values are checked with the recipe's by `etf_hf.train`.
+    The seed is refused: every mode must start from the same weights and data order to be compared."""
+    if value is None:
+        return {}
+    expect(value, dict, where, "a mapping of TrainingArguments fields that this mode uses instead of the recipe's")
+    if "seed" in value or "data_seed" in value:
+        raise ConfigError(f"{where} sets the seed; every mode of a run shares training.seed so that the modes start "
+                          f"from the same weights and data order: run the recipe again with training.seed=N instead")
+    return dict(value)
 
 
 def _validate_etf(settings: dict[str, Any], where: str, has_labels: bool, *context: Any) -> Any:

@@ -10,8 +10,11 @@ a win. Control modes (frozen Gaussian, zeroed or frozen-as-is weights at an ETF'
 `etf_hf.controls`) are labelled as controls, not ETFs: they are what tells ETF geometry apart from "these
 layers were dispensable".
 
-Mixing recipes is an error, not a footnote: folders whose ``config.yaml`` differ in anything but seeds
-and output folders would be averaged into a meaningless mean.
+Mixing recipes is an error, not a footnote: folders whose ``config.yaml`` differ in anything but seeds,
+output folders and the list of modes would be averaged into a meaningless mean, and a mode name defined
+differently in two folders is refused. Rows can be added to a finished table: add modes to the recipe and
+run only those (``etf-hf train my.yaml --only new_mode training.seed=N``) for each seed; folders of one seed
+then hold different modes and are paired as one.
 """
 from __future__ import annotations
 
@@ -183,15 +186,24 @@ def _without_seeds(value: Any) -> Any:
 
 
 def _recipe(run: Run, use_config: bool) -> dict[str, Any]:
-    """What must agree between runs: config.yaml (when every run has one), else what metrics.json says."""
+    """What must agree between runs besides the modes: config.yaml (when every run has one), else what
+    metrics.json says."""
     if use_config and run.config is not None:
-        return _without_seeds(run.config)
+        return _without_seeds({key: value for key, value in run.config.items() if key != "modes"})
     data = run.metrics.get("data") or {}
     return _without_seeds({
         "task": run.metrics.get("task"),
         "data": {k: v for k, v in data.items() if k not in ("train_examples", "test_examples")},
-        "modes": [{"name": row["name"], "etf": row.get("etf")} for row in run.metrics["modes"]],
     })
+
+
+def _mode_definitions(run: Run, use_config: bool) -> dict[str, Any]:
+    """How each mode the run trained is defined: its config.yaml entry, else its metrics.json ``etf`` record."""
+    trained = [row["name"] for row in run.metrics["modes"]]
+    if use_config and run.config is not None:
+        entries = {entry.get("name"): entry for entry in run.config.get("modes") or [] if isinstance(entry, dict)}
+        return {name: _without_seeds(entries.get(name)) for name in trained}
+    return {row["name"]: _without_seeds({"etf": row.get("etf")}) for row in run.metrics["modes"]}
 
 
 def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
@@ -217,24 +229,28 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
 
 
 def check_one_recipe(runs: Sequence[Run]) -> None:
-    """Refuse folders of different recipes and folders that repeat a seed (pairing needs one run per seed)."""
+    """Refuse folders of different recipes, a mode defined differently in two folders, and folders without a
+    seed. Folders of one seed may hold different modes (``etf-hf train --only``: rows added to a finished
+    table); the same mode twice for one seed is refused when the rows are grouped (`summarize`)."""
     first = runs[0]
     use_config = all(run.config is not None for run in runs)
-    for run in runs[1:]:
+    definitions: dict[str, tuple[Any, Path]] = {}
+    for run in runs:
         difference = _first_difference(_recipe(first, use_config), _recipe(run, use_config))
         if difference:
             raise ReportError(f"{str(first.path)!r} and {str(run.path)!r} are different recipes ({difference}); "
                               f"several run folders are read as seeds of one recipe: report them separately")
+        for name, definition in _mode_definitions(run, use_config).items():
+            seen, where = definitions.setdefault(name, (definition, run.path))
+            difference = _first_difference(seen, definition, f"modes[{name}]")
+            if difference:
+                raise ReportError(f"{str(where)!r} and {str(run.path)!r} define mode {name!r} differently "
+                                  f"({difference}); rename one of them")
     if len(runs) > 1:
-        seen: dict[int, Path] = {}
         for run in runs:
             if run.seed is None:
                 raise ReportError(f"{str(run.path)!r} records no training seed (no config.yaml, no 'seed' in "
                                   f"metrics.json), so its modes cannot be paired with other runs' by seed")
-            if run.seed in seen:
-                raise ReportError(f"{str(seen[run.seed])!r} and {str(run.path)!r} both have training seed {run.seed}; "
-                                  f"pass one run folder per seed (etf-hf train ... training.seed=N)")
-            seen[run.seed] = run.path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,8 +367,8 @@ def summarize(runs: Sequence[Run], metric: Metric, baseline: str | None = None) 
             mode = modes.setdefault(row["name"], ModeSummary(row["name"], row))
             seed = row.get("seed", run.seed)
             if seed in mode.values:
-                raise ReportError(f"mode {row['name']!r} has two results for seed {seed} ({run.path}); "
-                                  f"pass one run folder per seed")
+                raise ReportError(f"mode {row['name']!r} has two results for seed {seed} ({run.path} is the second); "
+                                  f"pass one run folder per seed and mode")
             mode.values[seed] = metric.scale * float(row[metric.key])
             if isinstance(row.get("trainable_percent"), (int, float)):
                 mode.trainable_percent.append(float(row["trainable_percent"]))

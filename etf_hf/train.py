@@ -44,7 +44,7 @@ from .recipe import ConfigError, expect, reject_unknown, resolve_folder
 from .tasks import TASKS, DataSplits, Task, load_tokenizer, perplexity, prepare_data
 
 __all__ = ["ConfigError", "DEFAULT_CONFIG", "DataSplits", "ModeSpec", "RunSpec", "TASKS", "apply_overrides",
-           "build_model", "load_config", "load_data", "run", "summary", "validate"]
+           "build_model", "load_config", "load_data", "run", "select_modes", "summary", "validate"]
 
 #: The recipe `etf-hf train` runs when given no file; shipped inside the package so a plain
 #: ``pip install`` has it. The top-level ``configs/quickstart.yaml`` is the same file (a test keeps them equal).
@@ -159,6 +159,8 @@ def validate(raw: dict[str, Any], name: str = "config") -> RunSpec:
     data = validate_data(raw["data"], task.name, task.data_keys)
     task.check(data, config, load_tokenizer(model, task) if task.needs_tokenizer else None, _model_key(model))
     modes = validate_modes(raw["modes"], task.has_labels, config.model_type, training)
+    for i, mode in enumerate(modes):
+        mode.training = _validate_training(mode.training, f"modes[{i}].training", training)
     spec = RunSpec(name=name, task=task.name, model=model, data=data, modes=modes, training=training,
                    output_dir=output_dir, torch_threads=threads, raw=raw)
 
@@ -230,24 +232,25 @@ def _validate_from_config(kwargs: Any) -> Any:
         raise ConfigError(f"model.from_config: {type(defaults).__name__} rejected the settings: {error}") from None
 
 
-def _validate_training(value: Any) -> dict[str, Any]:
-    """Check keys and simple types against `TrainingArguments`, then build it once to surface its own errors."""
+def _validate_training(value: Any, where: str = "training", base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check keys and simple types against `TrainingArguments`, then build it once (over ``base``, the recipe's
+    validated settings, for a mode's overrides) to surface its own errors."""
     from transformers import TrainingArguments
 
-    expect(value, dict, "training", "a mapping of TrainingArguments fields")
+    expect(value, dict, where, "a mapping of TrainingArguments fields")
     fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
     if "output_dir" in value:
-        raise ConfigError("training.output_dir is set per mode by etf-hf; use the top-level output_dir instead")
-    reject_unknown(value, sorted(fields), "training", "allowed keys are the fields of transformers.TrainingArguments")
-    training = {key: _coerce_training_value(key, val, fields[key].type) for key, val in value.items()}
+        raise ConfigError(f"{where}.output_dir is set per mode by etf-hf; use the top-level output_dir instead")
+    reject_unknown(value, sorted(fields), where, "allowed keys are the fields of transformers.TrainingArguments")
+    training = {key: _coerce_training_value(key, val, fields[key].type, where) for key, val in value.items()}
     try:
-        TrainingArguments(output_dir="unused", **training)
+        TrainingArguments(output_dir="unused", **{**(base or {}), **training})
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"training: TrainingArguments rejected the settings: {error}") from None
+        raise ConfigError(f"{where}: TrainingArguments rejected the settings: {error}") from None
     return training
 
 
-def _coerce_training_value(key: str, value: Any, annotation: Any) -> Any:
+def _coerce_training_value(key: str, value: Any, annotation: Any, where: str = "training") -> Any:
     """Type-check fields annotated as a plain bool/int/float/str.
 
     PyYAML reads ``1e-3`` (no dot) as a string, a classic trap for learning rates, so a numeric string
@@ -260,8 +263,19 @@ def _coerce_training_value(key: str, value: Any, annotation: Any) -> Any:
             pass
     expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(annotation)
     if expected is not None:
-        expect(value, expected, f"training.{key}", f"a {annotation.__name__}")
+        expect(value, expected, f"{where}.{key}", f"a {annotation.__name__}")
     return value
+
+
+def select_modes(spec: RunSpec, names: list[str]) -> RunSpec:
+    """The recipe with only the modes ``names`` (in the recipe's order). config.yaml still records every
+    mode: `etf_hf.report` pairs folders of one seed that trained different modes of one recipe."""
+    known = [mode.name for mode in spec.modes]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise ConfigError(f"--only {','.join(unknown or names) or '(nothing)'}: not a mode of this recipe; its modes "
+                          f"are {', '.join(known)}")
+    return dataclasses.replace(spec, modes=[mode for mode in spec.modes if mode.name in names])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,7 +332,7 @@ def train_mode(spec: RunSpec, mode: ModeSpec, data: DataSplits, run_dir: Path) -
 
     task = TASKS[spec.task]
     mode_dir = run_dir / mode.name
-    args = TrainingArguments(output_dir=str(mode_dir), **spec.training)
+    args = TrainingArguments(output_dir=str(mode_dir), **{**spec.training, **mode.training})
     num_classes = len(data.label_names)
     placement = placement_data(mode, "pretrained" in spec.model, data.train, num_classes, data.collator,
                                spec.data["seed"])
@@ -382,6 +396,7 @@ def _mode_row(task: Task, mode: ModeSpec, model: Any, params: dict[str, int], tr
         "frozen": mode.frozen,
         "lora": mode.lora,
         "adaptive": adaptive,
+        "training": mode.training,
         f"test_{metric}": value,
         "test_loss": test["test_loss"],
         "trainable_params": params["trainable"],

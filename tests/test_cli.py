@@ -52,6 +52,35 @@ def test_tiny_run_writes_metrics_plot_and_models(tmp_path: Path, capsys: pytest.
     assert reloaded.config.etf["basis"] == "orthogonal"
 
 
+def test_only_and_a_mode_s_own_training_settings_then_one_report(tmp_path: Path) -> None:
+    """Rows added to a finished run: ``--only`` trains a subset into another folder of the same seed, a mode's
+    ``training`` reaches its Trainer (read back from the saved training_args.bin), and `etf-hf report` pairs
+    the two folders as one seed."""
+    import torch
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(DEFAULT_CONFIG.read_text())
+    own = ["modes.1.training.learning_rate=0.25", "modes.1.training.weight_decay=0.5"]
+    assert cli.main(["train", str(recipe), "--only", "full", *TINY, *own, f"output_dir={tmp_path / 'first'}"]) == 0
+    assert cli.main(["train", str(recipe), "--only", "etf", "--only", "control-gaussian", *TINY, *own,
+                     f"output_dir={tmp_path / 'added'}"]) == 0
+    first = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    added = json.loads((tmp_path / "added" / "metrics.json").read_text())
+    assert [row["name"] for row in first["modes"]] == ["full"]
+    assert [row["name"] for row in added["modes"]] == ["etf", "control-gaussian"]
+    assert added["modes"][0]["training"] == {"learning_rate": 0.25, "weight_decay": 0.5}
+    assert added["modes"][1]["training"] == {}
+    base = validate(*load_config(recipe)).training
+    for mode, lr, decay in (("first/full", base["learning_rate"], base["weight_decay"]), ("added/etf", 0.25, 0.5),
+                            ("added/control-gaussian", base["learning_rate"], base["weight_decay"])):
+        args = torch.load(tmp_path / mode / "training_args.bin", weights_only=False)
+        assert (args.learning_rate, args.weight_decay, args.max_steps) == (lr, decay, 3), mode
+    assert cli.main(["report", str(tmp_path / "first"), str(tmp_path / "added"), "--output", str(tmp_path / "r")]) == 0
+    report = (tmp_path / "r" / "report.md").read_text()
+    for mode in ("full", "etf", "control-gaussian"):
+        assert f"| {mode} |" in report
+
+
 def test_packaged_default_config_is_the_quickstart(capsys: pytest.CaptureFixture[str]) -> None:
     raw, name = load_config(None)
     spec = validate(raw, name)
@@ -101,6 +130,12 @@ def test_yaml_exponent_without_dot_is_read_as_a_float() -> None:
     (["modes.1.name=full"], ["modes[1].name 'full'", "unique"]),
     (["modes=[]"], ["modes must list at least one mode"]),
     (["training.seed=1", "training.seed"], ["override 'training.seed'", "key.subkey=value"]),
+    (["modes.1.training=5"], ["modes[1].training must be", "mapping"]),
+    (["modes.1.training.lerning_rate=0.1"], ["modes[1].training.lerning_rate", "'learning_rate'"]),
+    (["modes.1.training.seed=3"], ["modes[1].training sets the seed", "training.seed=N"]),
+    (["modes.1.training.output_dir=x"], ["modes[1].training.output_dir", "top-level output_dir"]),
+    (["modes.1.training.lr_scheduler_type=zigzag"], ["modes[1].training: TrainingArguments rejected"]),
+    (["--only", "etf,nope"], ["--only nope: not a mode of this recipe", "full, etf, control-gaussian"]),
 ])
 def test_recipe_errors_name_the_key(overrides: list[str], expected: list[str],
                                     capsys: pytest.CaptureFixture[str]) -> None:

@@ -130,11 +130,27 @@ def test_two_seeds_use_the_wide_one_degree_of_freedom_interval(tmp_path: Path) -
     assert table_row(markdown, "etf")[6] == f"+{mean:.2f} [−{-low:.2f}, +{high:.2f}] (within noise)"
 
 
-def test_runs_with_different_modes_are_different_recipes(tmp_path: Path) -> None:
+def test_rows_added_later_pair_by_seed_with_the_first_runs(tmp_path: Path, three_seeds: list[Path]) -> None:
+    """`etf-hf train --only gauss` for each seed after a table without it: folders of one seed hold different
+    modes of one recipe (their config.yaml lists every mode) and are paired as one run."""
+    first = [write_run(tmp_path / f"first{seed}", seed, modes=MODES[:2]) for seed in (0, 1, 2)]
+    added = [write_run(tmp_path / f"added{seed}", seed, modes=MODES[2:]) for seed in (0, 1, 2)]
+    _, split = write_report(first + added, tmp_path / "split")
+    _, whole = write_report(three_seeds, tmp_path / "whole")
+    for mode in ("full", "etf", "gauss"):
+        assert table_row(split, mode)[1:] == table_row(whole, mode)[1:]
+    mean, low, high = expected_interval(MODES[2][2], MODES[0][2])
+    assert table_row(split, "gauss")[6] == f"{mean:.2f} [{low:.2f}, {high:.2f}]".replace("-", "−")
+
+
+def test_a_mode_defined_differently_in_two_folders_is_refused(tmp_path: Path) -> None:
     first = write_run(tmp_path / "a", 0)
-    fewer = write_run(tmp_path / "b", 1, modes=MODES[:2])
-    with pytest.raises(ReportError, match=r"different recipes \(modes has 3 vs 2 entries\)"):
-        write_report([first, fewer])
+    changed = [(name, {**etf, "basis": "canonical"} if name == "etf" else etf, values, percent)
+               for name, etf, values, percent in MODES]
+    second = write_run(tmp_path / "b", 1, modes=changed)
+    with pytest.raises(ReportError, match=r"define mode 'etf' differently \(modes\[etf\]\.etf\.basis is "
+                                          r"'orthogonal' vs 'canonical'\); rename one of them"):
+        write_report([first, second])
 
 
 def test_single_run_reports_without_interval_and_writes_into_the_run(tmp_path: Path) -> None:
@@ -198,7 +214,7 @@ def test_treatments_perplexity_and_adaptive_locks_from_the_rows(tmp_path: Path) 
     ("no_metrics", "has no metrics.json"),
     ("missing_folder", "does not exist"),
     ("mixed_recipes", "training.num_train_epochs is 10 vs 3"),
-    ("same_seed", "both have training seed 0"),
+    ("same_seed", "mode 'full' has two results for seed 0"),
     ("bad_baseline", "--baseline 'nope' is not a mode of these runs; modes: full, etf, gauss"),
     ("bad_metric", "--metric 'test_f1' is not a number in every mode row"),
     ("not_json", "is not valid JSON"),
