@@ -324,7 +324,10 @@ class ModeSummary:
             return f"target_modules {selection['target_modules']}"
         layers = selection.get("layers", "all")
         layers = ",".join(map(str, layers)) if isinstance(layers, list) else str(layers)
-        head = " + ETF head" if selection.get("head") else ""
+        head = ""
+        if selection.get("head"):
+            head_basis = selection.get("head_basis")
+            head = f" + head: control {head_basis}" if head_basis in CONTROL_BASES else " + ETF head"
         return f"{layers} / {selection.get('projections', 'both')}{head}"
 
 

@@ -271,11 +271,14 @@ def test_report_of_a_real_tiny_run_with_probed_modes(tmp_path: Path, capsys: pyt
 
 def test_embedding_free_counts_and_the_head_show_when_recorded(tmp_path: Path) -> None:
     """A text model's embedding matrix can be half its weights: rows that record the count without it get a
-    column, and a fixed ETF head is named in the placement."""
-    head = {"layers": [2, 3], "projections": "both", "basis": "nearest", "seed": 0, "head": True}
-    folder = write_run(tmp_path / "seed0", 0, modes=[("full", None, [0.9], 100.0), ("etf_head", head, [0.91], 80.0)])
+    column, and a fixed head is named in the placement: an ETF head, or a control head as a control."""
+    head = {"layers": [2, 3], "projections": "both", "basis": "nearest", "seed": 0, "head": True,
+            "head_basis": "orthogonal"}
+    gaussian_head = {**head, "head_basis": "gaussian"}
+    folder = write_run(tmp_path / "seed0", 0, modes=[("full", None, [0.9], 100.0), ("etf_head", head, [0.91], 80.0),
+                                                     ("gaussian_head", gaussian_head, [0.9], 80.0)])
     metrics = json.loads((folder / "metrics.json").read_text())
-    for row, count in zip(metrics["modes"], (1_000_000, 600_000)):
+    for row, count in zip(metrics["modes"], (1_000_000, 600_000, 600_000)):
         row["trainable_params_excl_embeddings"] = count
     (folder / "metrics.json").write_text(json.dumps(metrics))
     _, markdown = write_report([folder], tmp_path / "out")
@@ -283,3 +286,4 @@ def test_embedding_free_counts_and_the_head_show_when_recorded(tmp_path: Path) -
     assert table_row(markdown, "full")[8] == "1,000,000"
     etf = table_row(markdown, "etf_head")
     assert etf[2] == "2,3 / both + ETF head" and etf[8] == "600,000"
+    assert table_row(markdown, "gaussian_head")[2] == "2,3 / both + head: control gaussian"
