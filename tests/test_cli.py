@@ -81,6 +81,17 @@ def test_only_and_a_mode_s_own_training_settings_then_one_report(tmp_path: Path)
         assert f"| {mode} |" in report
 
 
+def test_a_mode_s_own_training_settings_reach_its_treatment_checks() -> None:
+    """Adaptive-ETF's ``every: eval`` needs evaluations: a mode that turns them on for itself validates, the
+    same mode without them is refused (the treatment is checked against the merged settings)."""
+    raw, name = load_config(None)
+    adaptive = {"name": "adaptive", "adaptive": {"every": "eval"}}
+    with pytest.raises(ConfigError, match=r"modes\[1\]\.adaptive\.every is 'eval'"):
+        validate({**raw, "modes": [{"name": "full"}, adaptive]}, name)
+    spec = validate({**raw, "modes": [{"name": "full"}, {**adaptive, "training": {"eval_strategy": "epoch"}}]}, name)
+    assert spec.modes[1].training == {"eval_strategy": "epoch"} and spec.modes[0].training == {}
+
+
 def test_packaged_default_config_is_the_quickstart(capsys: pytest.CaptureFixture[str]) -> None:
     raw, name = load_config(None)
     spec = validate(raw, name)
