@@ -198,12 +198,16 @@ def _recipe(run: Run, use_config: bool) -> dict[str, Any]:
 
 
 def _mode_definitions(run: Run, use_config: bool) -> dict[str, Any]:
-    """How each mode the run trained is defined: its config.yaml entry, else its metrics.json ``etf`` record."""
+    """How each mode the run trained is defined: its config.yaml entry, else its metrics.json ``etf`` record
+    (for Adaptive-ETF its settings: the ``etf`` record holds the blocks it locked, an outcome that may differ
+    between seeds)."""
     trained = [row["name"] for row in run.metrics["modes"]]
     if use_config and run.config is not None:
         entries = {entry.get("name"): entry for entry in run.config.get("modes") or [] if isinstance(entry, dict)}
         return {name: _without_seeds(entries.get(name)) for name in trained}
-    return {row["name"]: _without_seeds({"etf": row.get("etf")}) for row in run.metrics["modes"]}
+    return {row["name"]: _without_seeds({"adaptive": row["adaptive"].get("settings")}
+                                        if isinstance(row.get("adaptive"), dict) else {"etf": row.get("etf")})
+            for row in run.metrics["modes"]}
 
 
 def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
@@ -275,6 +279,7 @@ class ModeSummary:
     train_time_s: list[float] = field(default_factory=list)
     loss_curves: list[list[dict[str, float]]] = field(default_factory=list)
     ncc: list[list[float]] = field(default_factory=list)
+    adaptive_locks: dict[int | None, dict[str, Any]] = field(default_factory=dict)
     delta: Interval | None = None
 
     @property
@@ -315,8 +320,7 @@ class ModeSummary:
     def placement(self) -> str:
         """Which FFN projections the treatment touches: resolved blocks / projections, or Adaptive-ETF's locks."""
         if self.treatment == "adaptive":
-            locked = (self.row.get("adaptive") or {}).get("locked")
-            return f"locked: {', '.join(map(str, locked))}" if locked else "none locked"
+            return _locks_cell(self.adaptive_locks or {None: self.row.get("adaptive") or {}})
         selection = self.row.get("etf") if self.treatment == "etf" else self.row.get("frozen")
         if not isinstance(selection, dict):
             return "–"
@@ -386,6 +390,8 @@ def summarize(runs: Sequence[Run], metric: Metric, baseline: str | None = None) 
             ncc = _ncc_of(row, run.path)
             if ncc:
                 mode.ncc.append(ncc)
+            if isinstance(row.get("adaptive"), dict):
+                mode.adaptive_locks[seed] = row["adaptive"]
     if baseline is None:
         baseline = next((m.name for m in modes.values() if m.treatment == "full"), next(iter(modes)))
     elif baseline not in modes:
@@ -396,6 +402,32 @@ def summarize(runs: Sequence[Run], metric: Metric, baseline: str | None = None) 
         if mode.name != baseline and shared:
             mode.delta = paired_interval([mode.values[s] - reference[s] for s in shared])
     return list(modes.values()), baseline
+
+
+def _locks_cell(locks_by_seed: dict[int | None, dict[str, Any]]) -> str:
+    """Adaptive-ETF's locks in every seed: seeds can lock different blocks at different steps, and showing only
+    the first seed's locks would pass them off as the mode's."""
+    seeds_by_text: dict[str, list[int | None]] = {}
+    for seed, adaptive in sorted(locks_by_seed.items(), key=lambda item: (item[0] is None, item[0] or 0)):
+        seeds_by_text.setdefault(_locks_text(adaptive), []).append(seed)
+    if len(seeds_by_text) == 1:
+        text, seeds = next(iter(seeds_by_text.items()))
+        every = " (every seed)" if len(seeds) > 1 else ""
+        return f"none locked{every}" if text == "none" else f"locked: {text}{every}"
+    return "locked: " + "; ".join(f"{text} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+                                  for text, seeds in seeds_by_text.items())
+
+
+def _locks_text(adaptive: dict[str, Any]) -> str:
+    """``4, 5 at step 250`` (blocks, and the training steps at which they were locked), or ``none``."""
+    locked = adaptive.get("locked") or []
+    if not locked:
+        return "none"
+    steps = sorted({int(step) for step in (adaptive.get("lock_steps") or {}).values()})
+    blocks = ", ".join(map(str, locked))
+    if not steps:
+        return blocks
+    return f"{blocks} at step {steps[0]}" if len(steps) == 1 else f"{blocks} at steps {steps[0]}–{steps[-1]}"
 
 
 def _ncc_of(row: dict[str, Any], run_dir: Path) -> list[float] | None:

@@ -201,13 +201,51 @@ def test_treatments_perplexity_and_adaptive_locks_from_the_rows(tmp_path: Path) 
         "nothing fixed", "FFN weights frozen (no ETF)", "LoRA r=8", "ETF: canonical", "control: zero (not an ETF)",
         "Adaptive-ETF (nearest)"]
     assert cells["frozen"][2] == "all / up" and cells["etf"][2] == "2,3 / both"
-    assert cells["adaptive"][2] == "locked: 2, 3"
+    assert cells["adaptive"][2] == "locked: 2, 3 at steps 20–40 (every seed)"
     assert cells["full"][3] == "5.10 ± 0.14" and cells["adaptive"][7] == "100.0 → 60.0"
     mean, low, high = expected_interval([0.06, 0.063], [0.05, 0.052])  # x100 inside: perplexities 6.0, 6.3 vs 5.0, 5.2
     assert low > 0 and cells["zero"][6] == f"+{mean:.2f} [+{low:.2f}, +{high:.2f}]"  # clearly worse (higher)
     assert "test perplexity (mean ± sd)" in markdown and "lower is better" in markdown
     assert "Test set: 50 examples." in markdown  # no "points per example" for a perplexity
     assert (tmp_path / "out" / "report_ncc.png").is_file()  # from Adaptive-ETF's NCC history
+
+
+def write_adaptive_seeds(folder: Path, locks_by_seed: list[tuple[list[int], dict[str, int]]]) -> list[Path]:
+    """One run folder per seed holding a full and an Adaptive-ETF row, the latter with the given locks."""
+    runs = []
+    for seed, (locked, steps) in enumerate(locks_by_seed):
+        run = folder / f"s{seed}"
+        run.mkdir(parents=True)
+        rows = [{"name": "full", "kind": "full", "etf": None, "test_accuracy": 0.9 + seed / 100},
+                {"name": "adaptive", "kind": "adaptive", "etf": {"layers": locked, "basis": "nearest"},
+                 "adaptive": {"settings": {"basis": "nearest"}, "locked": locked, "lock_steps": steps},
+                 "test_accuracy": 0.9}]
+        (run / "metrics.json").write_text(json.dumps({
+            "config_name": "a", "task": "sequence-classification", "seed": seed,
+            "data": {"source": "tsv", "test_examples": 100}, "modes": rows}))
+        runs.append(run)
+    return runs
+
+
+def test_adaptive_locks_of_every_seed_are_shown(tmp_path: Path) -> None:
+    """Seeds can lock different blocks at different steps; the placement cell names each seed's locks, not
+    only the first seed's, and says when all seeds agree."""
+    differing = write_adaptive_seeds(tmp_path / "differ", [([4, 5], {"4": 250, "5": 250}), ([5], {"5": 180}),
+                                                           ([4, 5], {"4": 250, "5": 250}), ([], {})])
+    _, markdown = write_report(differing, tmp_path / "out1")
+    assert table_row(markdown, "adaptive")[2] == "locked: 4, 5 at step 250 (seeds 0, 2); 5 at step 180 (seed 1); none (seed 3)"
+    agreeing = write_adaptive_seeds(tmp_path / "agree", [([], {}), ([], {})])
+    _, markdown = write_report(agreeing, tmp_path / "out2")
+    assert table_row(markdown, "adaptive")[2] == "none locked (every seed)"
+    single = write_adaptive_seeds(tmp_path / "single", [([3], {"3": 40})])
+    _, markdown = write_report(single, tmp_path / "out3")
+    assert table_row(markdown, "adaptive")[2] == "locked: 3 at step 40"
+    # Different locks are an outcome; different settings are a different mode.
+    metrics = json.loads((agreeing[1] / "metrics.json").read_text())
+    metrics["modes"][1]["adaptive"]["settings"]["threshold"] = 0.8
+    (agreeing[1] / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ReportError, match=r"define mode 'adaptive' differently \(modes\[adaptive\]\.adaptive\.threshold"):
+        write_report(agreeing, tmp_path / "out4")
 
 
 @pytest.mark.parametrize("problem, message", [
