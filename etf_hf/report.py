@@ -615,22 +615,68 @@ def plot_loss_curves(modes: Sequence[ModeSummary], path: Path) -> Path | None:
     return path
 
 
-def plot_metric(modes: Sequence[ModeSummary], metric: Metric, path: Path) -> Path:
-    """Each seed's metric per mode (dots) with the mean ± sd (bar); controls drawn hollow."""
-    figure = _figure((max(4.0, 1.2 * len(modes) + 2), 4))
-    axes = figure.add_subplot()
+def far_outliers(distances: dict[int, float], ratio: float = 3.0) -> set[int]:
+    """Modes (by index) so far from the baseline that drawing them would flatten every other difference: while
+    the farthest is more than ``ratio`` times farther than the next one, it is set aside (a LoRA run at a
+    learning rate it cannot learn with, 76 points below, next to differences of a point)."""
+    remaining = dict(distances)
+    outliers: set[int] = set()
+    while len(remaining) >= 3:
+        ordered = sorted(remaining, key=remaining.__getitem__, reverse=True)
+        farthest, next_one = remaining[ordered[0]], remaining[ordered[1]]
+        if farthest <= ratio * next_one:
+            break
+        outliers.add(ordered[0])
+        del remaining[ordered[0]]
+    return outliers
+
+
+def plot_metric(modes: Sequence[ModeSummary], metric: Metric, baseline: str, path: Path) -> Path:
+    """Top: each seed's metric per mode (dots) with the mean ± sd (bar), controls hollow. Bottom: the paired
+    difference to the baseline with its 95 % interval — what the table's Δ column says, and what the top panel
+    cannot show when modes differ by less than the seeds do. A far outlier (`far_outliers`) is drawn as an
+    arrow at the panel's edge with its value written beside it, so the other modes stay readable."""
+    figure = _figure((max(4.0, 1.2 * len(modes) + 2), 7))
+    values_axes, delta_axes = figure.subplots(2, 1, sharex=True)
+    reference = statistics.fmean(next(m for m in modes if m.name == baseline).values.values())
+    means = {index: statistics.fmean(mode.values.values()) for index, mode in enumerate(modes)}
+    hidden = far_outliers({index: abs(mean - reference) for index, mean in means.items()})
     for index, mode in enumerate(modes):
+        if index in hidden:
+            continue
         values = list(mode.values.values())
-        axes.scatter([index] * len(values), values, color=_colour(index), alpha=0.6,
-                     facecolors="none" if mode.is_control else _colour(index))
+        values_axes.scatter([index] * len(values), values, color=_colour(index), alpha=0.6,
+                            facecolors="none" if mode.is_control else _colour(index))
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        axes.errorbar([index + 0.15], [statistics.fmean(values)], yerr=[sd], color="black", capsize=4, marker="_")
-    axes.set_xticks(range(len(modes)), [m.name + (" (control)" if m.is_control else "") for m in modes],
-                    rotation=30, ha="right")
-    axes.set_xlim(-0.5, len(modes) - 0.5)
-    axes.set_ylabel(metric.label)
-    axes.set_title(f"{metric.label}: seeds (dots), mean ± sd (bar)", fontsize=10)
-    axes.grid(alpha=0.3, axis="y")
+        values_axes.errorbar([index + 0.15], [means[index]], yerr=[sd], color="black", capsize=4, marker="_")
+        if mode.delta is not None:
+            low = mode.delta.mean if mode.delta.low is None else mode.delta.low
+            high = mode.delta.mean if mode.delta.high is None else mode.delta.high
+            delta_axes.errorbar([index], [mode.delta.mean], yerr=[[mode.delta.mean - low], [high - mode.delta.mean]],
+                                color=_colour(index), capsize=4, marker="o",
+                                markerfacecolor="none" if mode.is_control else _colour(index))
+    delta_axes.axhline(0.0, color="black", linewidth=0.8)
+    for index in sorted(hidden):
+        mode = modes[index]
+        for axes, value in ((values_axes, means[index]), (delta_axes, mode.delta.mean if mode.delta else None)):
+            if value is None:
+                continue
+            below = value < (reference if axes is values_axes else 0.0)
+            edge = axes.get_ylim()[0 if below else 1]
+            axes.annotate(f"{_plain(value, metric.digits)} (off scale)", (index, edge), ha="center",
+                          va="bottom" if below else "top", fontsize=8, xytext=(0, 14 if below else -14),
+                          textcoords="offset points",
+                          arrowprops={"arrowstyle": "->", "color": _colour(index)})
+    delta_axes.set_xticks(range(len(modes)), [m.name + (" (control)" if m.is_control else "") for m in modes],
+                          rotation=30, ha="right")
+    delta_axes.set_xlim(-0.5, len(modes) - 0.5)
+    values_axes.set_ylabel(metric.label)
+    values_axes.set_title(f"{metric.label}: seeds (dots), mean ± sd (bar)", fontsize=10)
+    delta_axes.set_ylabel(f"Δ vs {baseline}")
+    direction = {True: "; higher is better", False: "; lower is better"}.get(metric.higher_is_better, "")
+    delta_axes.set_title(f"paired difference to {baseline} (mean, 95 % interval{direction})", fontsize=10)
+    for axes in (values_axes, delta_axes):
+        axes.grid(alpha=0.3, axis="y")
     figure.tight_layout()
     figure.savefig(path)
     return path
@@ -684,7 +730,7 @@ def write_report(run_dirs: Sequence[str | Path], output: str | Path | None = Non
     out = Path(output) if output is not None else default_output(runs)
     out.mkdir(parents=True, exist_ok=True)
     plots = [p for p in (plot_loss_curves(modes, out / "report_training_loss.png"),
-                         plot_metric(modes, chosen, out / "report_metric.png"),
+                         plot_metric(modes, chosen, baseline, out / "report_metric.png"),
                          plot_ncc(modes, out / "report_ncc.png")) if p is not None]
     markdown = render_report(runs, modes, baseline, chosen, plots)
     report_file = out / "report.md"

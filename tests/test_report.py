@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from etf_hf import cli
-from etf_hf.report import ReportError, paired_interval, t_quantile_975, write_report
+from etf_hf.report import ReportError, far_outliers, paired_interval, t_quantile_975, write_report
 from etf_hf.train import DEFAULT_CONFIG
 
 #: Two-sided 95 % Student-t quantiles from printed tables (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2).
@@ -246,6 +246,25 @@ def test_adaptive_locks_of_every_seed_are_shown(tmp_path: Path) -> None:
     (agreeing[1] / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(ReportError, match=r"define mode 'adaptive' differently \(modes\[adaptive\]\.adaptive\.threshold"):
         write_report(agreeing, tmp_path / "out4")
+
+
+def test_far_outliers_are_set_aside_only_when_they_would_flatten_the_rest() -> None:
+    """The TREC-6 table's distances from full fine-tuning: LoRA at lr 1e-4 (76 points) would squeeze every
+    other mode into a line; the 8-point ETF-everywhere rows are real results and stay on the scale."""
+    trec = {0: 0.0, 1: 76.33, 2: 0.93, 3: 0.13, 4: 8.67, 5: 0.33, 6: 7.47, 7: 1.53, 8: 1.00}
+    assert far_outliers(trec) == {1}
+    assert far_outliers({0: 0.0, 1: 3.0, 2: 6.7, 3: 3.3}) == set()  # GPT-2's perplexities: no outlier
+    assert far_outliers({0: 0.0, 1: 500.0, 2: 90.0, 3: 1.0, 4: 0.5}) == {1, 2}  # set aside one after another
+    assert far_outliers({0: 0.0, 1: 76.0}) == set()  # two modes: nothing to compare against
+
+
+def test_metric_plot_with_an_off_scale_mode(tmp_path: Path) -> None:
+    """A mode far below the rest is drawn at the edge of both panels (values and paired Δ) without error."""
+    modes = MODES + [("broken", {"layers": "all", "basis": "zero"}, [0.10, 0.12, 0.11], 35.0)]
+    runs = [write_run(tmp_path / f"seed{seed}", seed, modes=modes) for seed in (0, 1, 2)]
+    _, markdown = write_report(runs, tmp_path / "out")
+    assert table_row(markdown, "broken")[3] == "11.00 ± 1.00"
+    assert (tmp_path / "out" / "report_metric.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("problem, message", [
