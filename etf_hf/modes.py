@@ -15,13 +15,18 @@ initial weights, data order and `TrainingArguments`::
     - name: lora_lr1e-3                  # any mode may override TrainingArguments fields (not the seed)
       lora: {r: 8}                                 #   for itself: adapters usually want a larger
       training: {learning_rate: 1.0e-3}            #   learning rate than full fine-tuning
+    - name: etf_frozen_embeddings        # any mode but LoRA may also freeze the input embeddings
+      etf: {layers: "last:3"}                      #   (``model.get_input_embeddings()``): in a pretrained text
+      freeze_input_embeddings: true                #   model they can be half of all weights
 
 An ``etf`` mode with ``layers: auto`` (or, on a pretrained model, with ``layers`` unset) has `etf_hf.patch`
 choose the blocks by nearest-class-mean accuracy on `PROBE_SIZE` random training examples.
 
 ``frozen`` differs from ``etf: {basis: frozen}`` (the control): the control keeps the layer's weight as a
 fixed frame *with a trainable gain*, stored like an ETF layer; ``frozen`` is plain ``requires_grad=False``.
-LoRA needs the optional ``peft`` package (``pip install 'etf_hf[peft]'``).
+LoRA needs the optional ``peft`` package (``pip install 'etf_hf[peft]'``). ``freeze_input_embeddings``
+freezes every parameter of the input embedding module; where the output head is tied to it (GPT-2's
+``lm_head``), that head is frozen with it.
 """
 from __future__ import annotations
 
@@ -62,6 +67,8 @@ class ModeSpec:
     adaptive: dict[str, Any] | None = None
     #: The mode's own TrainingArguments fields over the recipe's ``training`` (checked by `etf_hf.train`).
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: ``requires_grad=False`` on the input embedding module's parameters, on top of the treatment.
+    freeze_input_embeddings: bool = False
 
     @property
     def kind(self) -> str:
@@ -80,7 +87,7 @@ def validate_modes(value: Any, has_labels: bool, model_type: str, training: dict
     for i, mode in enumerate(value):
         where = f"modes[{i}]"
         expect(mode, dict, where, "a mapping with 'name' and at most one of " + ", ".join(TREATMENTS))
-        reject_unknown(mode, ("name", "training", *TREATMENTS), where)
+        reject_unknown(mode, ("name", "training", "freeze_input_embeddings", *TREATMENTS), where)
         name = expect(mode.get("name"), str, f"{where}.name", "a name made of letters, digits, '_', '-', '.'")
         if not _MODE_NAME.fullmatch(name) or name in {m.name for m in modes}:
             raise ConfigError(f"{where}.name {name!r} must be unique and made of letters, digits, '_', '-', '.'")
@@ -88,7 +95,8 @@ def validate_modes(value: Any, has_labels: bool, model_type: str, training: dict
         if len(treatments) > 1:
             raise ConfigError(f"{where} sets {' and '.join(treatments)}; a mode takes at most one of "
                               f"{', '.join(TREATMENTS)} (make one mode for each)")
-        spec = ModeSpec(name, training=_validate_mode_training(mode.get("training"), f"{where}.training"))
+        spec = ModeSpec(name, training=_validate_mode_training(mode.get("training"), f"{where}.training"),
+                        freeze_input_embeddings=_validate_freeze_embeddings(mode, where, treatments))
         if treatments:
             key = treatments[0]
             settings = expect(mode[key], dict, f"{where}.{key}", "a mapping (may be empty: {})")
@@ -108,6 +116,15 @@ def _validate_mode_training(value: Any, where: str) -> dict[str, Any]:
         raise ConfigError(f"{where} sets the seed; every mode of a run shares training.seed so that the modes start "
                           f"from the same weights and data order: run the recipe again with training.seed=N instead")
     return dict(value)
+
+
+def _validate_freeze_embeddings(mode: dict[str, Any], where: str, treatments: list[str]) -> bool:
+    freeze = mode.get("freeze_input_embeddings", False)
+    expect(freeze, bool, f"{where}.freeze_input_embeddings", "true or false")
+    if freeze and treatments == ["lora"]:
+        raise ConfigError(f"{where}.freeze_input_embeddings: a LoRA mode already trains only its adapters (and the "
+                          f"classifier head), so the embeddings are frozen; remove the key")
+    return freeze
 
 
 def _validate_etf(settings: dict[str, Any], where: str, has_labels: bool, *context: Any) -> Any:
@@ -200,6 +217,11 @@ def check_modes_fit_model(modes: list[ModeSpec], skeleton: Callable[[], torch.nn
 
     shared = None
     for i, mode in enumerate(modes):
+        if mode.freeze_input_embeddings:
+            shared = shared if shared is not None else skeleton()
+            if not list(_input_embeddings(shared, f"modes[{i}].freeze_input_embeddings").parameters()):
+                raise ConfigError(f"modes[{i}].freeze_input_embeddings: {type(shared).__name__}'s input embedding "
+                                  f"module has no parameters to freeze")
         if mode.lora is not None:
             _lora_model(skeleton(), mode.lora, f"modes[{i}].lora")
             continue
@@ -247,7 +269,22 @@ def apply_mode(model: torch.nn.Module, mode: ModeSpec, **placement: Any) -> torc
             getattr(slot.parent, slot.attribute).weight.requires_grad_(False)
     elif mode.lora is not None:
         return _lora_model(model, mode.lora, f"mode {mode.name!r}: lora")
+    if mode.freeze_input_embeddings:
+        for parameter in _input_embeddings(model, f"mode {mode.name!r}: freeze_input_embeddings").parameters():
+            parameter.requires_grad_(False)
     return model
+
+
+def _input_embeddings(model: torch.nn.Module, where: str) -> torch.nn.Module:
+    """``model.get_input_embeddings()``, or a ConfigError for a model without one (the paper's MLP)."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embeddings = None
+    if not isinstance(embeddings, torch.nn.Module):
+        raise ConfigError(f"{where}: {type(model).__name__} has no input embeddings (get_input_embeddings()); "
+                          f"remove the key for this model")
+    return embeddings
 
 
 def probe_subset(train: torch.utils.data.Dataset, size: int, seed: int) -> torch.utils.data.Dataset:

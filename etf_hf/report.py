@@ -207,6 +207,7 @@ def _mode_definitions(run: Run, use_config: bool) -> dict[str, Any]:
         return {name: _without_seeds(entries.get(name)) for name in trained}
     return {row["name"]: _without_seeds({"adaptive": row["adaptive"].get("settings")}
                                         if isinstance(row.get("adaptive"), dict) else {"etf": row.get("etf")})
+            | ({"freeze_input_embeddings": True} if row.get("freeze_input_embeddings") else {})
             for row in run.metrics["modes"]}
 
 
@@ -300,7 +301,12 @@ class ModeSummary:
 
     @property
     def kind(self) -> str:
-        """What the mode does to the FFNs, in words; controls say so, so they are never read as ETF results."""
+        """What the mode does, in words; controls say so, so they are never read as ETF results."""
+        frozen_embeddings = " + input embeddings frozen" if self.row.get("freeze_input_embeddings") else ""
+        return self._treatment_in_words + frozen_embeddings
+
+    @property
+    def _treatment_in_words(self) -> str:
         treatment = self.treatment
         if treatment == "full":
             return "nothing fixed"

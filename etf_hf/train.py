@@ -397,6 +397,7 @@ def _mode_row(task: Task, mode: ModeSpec, model: Any, params: dict[str, int], tr
         "lora": mode.lora,
         "adaptive": adaptive,
         "training": mode.training,
+        "freeze_input_embeddings": mode.freeze_input_embeddings,
         f"test_{metric}": value,
         "test_loss": test["test_loss"],
         "trainable_params": params["trainable"],

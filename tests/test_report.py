@@ -186,8 +186,10 @@ def test_treatments_perplexity_and_adaptive_locks_from_the_rows(tmp_path: Path) 
         {"name": "zero", "kind": "etf", "etf": {"layers": [2, 3], "projections": "both", "basis": "zero"}},
         {"name": "adaptive", "kind": "adaptive", "etf": {"layers": [2, 3], "basis": "nearest"}, "adaptive": adaptive,
          "trainable_params_end": 600, "total_params": 1000},
+        {"name": "etf_frozen_embeddings", "kind": "etf", "etf": {"layers": [2, 3], "basis": "canonical"},
+         "freeze_input_embeddings": True},
     ]
-    for seed, perplexities in enumerate([(5.0, 5.5, 5.2, 5.1, 6.0, 5.05), (5.2, 5.6, 5.3, 5.4, 6.3, 5.15)]):
+    for seed, perplexities in enumerate([(5.0, 5.5, 5.2, 5.1, 6.0, 5.05, 5.3), (5.2, 5.6, 5.3, 5.4, 6.3, 5.15, 5.5)]):
         folder = tmp_path / f"s{seed}"
         folder.mkdir()
         modes = [{**row, "test_perplexity": value, "trainable_percent": 100.0}
@@ -199,7 +201,7 @@ def test_treatments_perplexity_and_adaptive_locks_from_the_rows(tmp_path: Path) 
     cells = {row["name"]: table_row(markdown, row["name"]) for row in rows}
     assert [cells[name][1] for name in cells] == [
         "nothing fixed", "FFN weights frozen (no ETF)", "LoRA r=8", "ETF: canonical", "control: zero (not an ETF)",
-        "Adaptive-ETF (nearest)"]
+        "Adaptive-ETF (nearest)", "ETF: canonical + input embeddings frozen"]
     assert cells["frozen"][2] == "all / up" and cells["etf"][2] == "2,3 / both"
     assert cells["adaptive"][2] == "locked: 2, 3 at steps 20–40 (every seed)"
     assert cells["full"][3] == "5.10 ± 0.14" and cells["adaptive"][7] == "100.0 → 60.0"

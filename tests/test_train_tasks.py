@@ -114,6 +114,33 @@ def test_sequence_classification_run_with_every_kind_of_mode(tmp_path: Path, cap
     assert AutoTokenizer.from_pretrained(saved)("who wrote hamlet ?")["input_ids"][1] > 4   # the recipe's tokenizer
 
 
+def test_freeze_input_embeddings_on_top_of_a_treatment(tmp_path: Path) -> None:
+    """``freeze_input_embeddings`` takes exactly the input embedding matrix out of training, on top of the ETF
+    treatment (the embeddings are half of a pretrained MiniLM), and the row records it."""
+    modes = [{"name": "etf", "etf": {"basis": "nearest"}},
+             {"name": "etf_frozen_embeddings", "etf": {"basis": "nearest"}, "freeze_input_embeddings": True}]
+    rows = {row["name"]: row for row in run_recipe(sequence_recipe(tmp_path, modes), tmp_path)["modes"]}
+    etf, frozen = rows["etf"], rows["etf_frozen_embeddings"]
+    assert (etf["freeze_input_embeddings"], frozen["freeze_input_embeddings"]) == (False, True)
+    assert etf["trainable_params"] - frozen["trainable_params"] == 64 * 16    # the vocab x hidden matrix
+    assert frozen["trainable_params_excl_embeddings"] == frozen["trainable_params_end"] \
+        == etf["trainable_params_excl_embeddings"]
+
+
+def test_apply_mode_freezes_the_embeddings_only_where_a_model_has_them() -> None:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from etf_hf.modes import ModeSpec, apply_mode
+
+    model = BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                     intermediate_size=32, vocab_size=64))
+    apply_mode(model, ModeSpec("frozen_embeddings", freeze_input_embeddings=True))
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["bert.embeddings.word_embeddings.weight"]
+    with pytest.raises(ConfigError, match="Sequential has no input embeddings"):
+        apply_mode(torch.nn.Sequential(torch.nn.Linear(2, 2)), ModeSpec("m", freeze_input_embeddings=True))
+
+
 def test_causal_lm_run_reports_perplexity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     modes = [{"name": "full"}, {"name": "etf", "etf": {"basis": "structured"}}]
     metrics = run_recipe(lm_recipe(tmp_path, modes), tmp_path)
@@ -197,6 +224,10 @@ def _image_recipe() -> dict[str, Any]:
     ("seq", {"modes": [{"name": "a", "frozen": {"layers": "auto"}}]}, "modes[0].frozen.layers 'auto' is for etf modes"),
     ("seq", {"modes": [{"name": "a", "frozen": {"layers": "last:5"}}]}, "modes[0].frozen: "),
     ("seq", {"modes": [{"name": "a", "lora": {"target_modules": ["nope"]}}]}, "modes[0].lora: peft could not apply it"),
+    ("seq", {"modes": [{"name": "a", "freeze_input_embeddings": "yes"}]},
+     "modes[0].freeze_input_embeddings must be true or false, got str 'yes'"),
+    ("seq", {"modes": [{"name": "a", "lora": {}, "freeze_input_embeddings": True}]},
+     "modes[0].freeze_input_embeddings: a LoRA mode already trains only its adapters"),
     ("lm", {"model.from_config": {"model_type": "llama", "vocab_size": 256,
             "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
             "max_position_embeddings": 64},
