@@ -219,9 +219,7 @@ def check_modes_fit_model(modes: list[ModeSpec], skeleton: Callable[[], torch.nn
     for i, mode in enumerate(modes):
         if mode.freeze_input_embeddings:
             shared = shared if shared is not None else skeleton()
-            if not list(_input_embeddings(shared, f"modes[{i}].freeze_input_embeddings").parameters()):
-                raise ConfigError(f"modes[{i}].freeze_input_embeddings: {type(shared).__name__}'s input embedding "
-                                  f"module has no parameters to freeze")
+            _embeddings_to_freeze(shared, f"modes[{i}].freeze_input_embeddings")
         if mode.lora is not None:
             _lora_model(skeleton(), mode.lora, f"modes[{i}].lora")
             continue
@@ -270,18 +268,23 @@ def apply_mode(model: torch.nn.Module, mode: ModeSpec, **placement: Any) -> torc
     elif mode.lora is not None:
         return _lora_model(model, mode.lora, f"mode {mode.name!r}: lora")
     if mode.freeze_input_embeddings:
-        for parameter in _input_embeddings(model, f"mode {mode.name!r}: freeze_input_embeddings").parameters():
+        for parameter in _embeddings_to_freeze(model, f"mode {mode.name!r}: freeze_input_embeddings").parameters():
             parameter.requires_grad_(False)
     return model
 
 
-def _input_embeddings(model: torch.nn.Module, where: str) -> torch.nn.Module:
-    """``model.get_input_embeddings()``, or a ConfigError for a model without one (the paper's MLP)."""
+def input_embeddings(model: torch.nn.Module) -> torch.nn.Module | None:
+    """``model.get_input_embeddings()``, or None for a model without one (the paper's MLP)."""
     try:
         embeddings = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
-        embeddings = None
-    if not isinstance(embeddings, torch.nn.Module):
+        return None
+    return embeddings if isinstance(embeddings, torch.nn.Module) else None
+
+
+def _embeddings_to_freeze(model: torch.nn.Module, where: str) -> torch.nn.Module:
+    embeddings = input_embeddings(model)
+    if embeddings is None:
         raise ConfigError(f"{where}: {type(model).__name__} has no input embeddings (get_input_embeddings()); "
                           f"remove the key for this model")
     return embeddings

@@ -39,7 +39,8 @@ import yaml
 from huggingface_hub.errors import StrictDataclassError
 
 from .data import validate_data
-from .modes import ModeSpec, adaptive_callback, apply_mode, check_modes_fit_model, placement_data, validate_modes
+from .modes import (ModeSpec, adaptive_callback, apply_mode, check_modes_fit_model, input_embeddings, placement_data,
+                    validate_modes)
 from .recipe import ConfigError, expect, reject_unknown, resolve_folder
 from .tasks import TASKS, DataSplits, Task, load_tokenizer, perplexity, prepare_data
 
@@ -361,11 +362,8 @@ def trainable_input_embeddings(model: Any) -> int:
     """Trainable weights of the input embedding matrix: in a pretrained text model it can be half of all
     weights (MiniLM: 11.7 M of 22.7 M), which hides what fixing FFNs saves; tables also show the count
     without it."""
-    try:
-        embeddings = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):  # e.g. the paper's MLP: no embedding matrix
-        return 0
-    if embeddings is None:
+    embeddings = input_embeddings(model)
+    if embeddings is None:  # e.g. the paper's MLP: no embedding matrix
         return 0
     return sum(p.numel() for p in embeddings.parameters() if p.requires_grad)
 
