@@ -205,10 +205,16 @@ def _mode_definitions(run: Run, use_config: bool) -> dict[str, Any]:
     if use_config and run.config is not None:
         entries = {entry.get("name"): entry for entry in run.config.get("modes") or [] if isinstance(entry, dict)}
         return {name: _without_seeds(entries.get(name)) for name in trained}
-    return {row["name"]: _without_seeds({"adaptive": row["adaptive"].get("settings")}
-                                        if isinstance(row.get("adaptive"), dict) else {"etf": row.get("etf")})
-            | ({"freeze_input_embeddings": True} if row.get("freeze_input_embeddings") else {})
-            for row in run.metrics["modes"]}
+    return {row["name"]: _without_seeds(_row_definition(row)) for row in run.metrics["modes"]}
+
+
+def _row_definition(row: dict[str, Any]) -> dict[str, Any]:
+    """A mode's definition as its metrics.json row records it (for runs without config.yaml)."""
+    adaptive = row.get("adaptive")
+    definition = {"adaptive": adaptive.get("settings")} if isinstance(adaptive, dict) else {"etf": row.get("etf")}
+    if row.get("freeze_input_embeddings"):
+        definition["freeze_input_embeddings"] = True
+    return definition
 
 
 def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
@@ -624,13 +630,14 @@ def plot_loss_curves(modes: Sequence[ModeSummary], path: Path) -> Path | None:
 def far_outliers(distances: dict[int, float], ratio: float = 3.0) -> set[int]:
     """Modes (by index) so far from the baseline that drawing them would flatten every other difference: while
     the farthest is more than ``ratio`` times farther than the next one, it is set aside (a LoRA run at a
-    learning rate it cannot learn with, 76 points below, next to differences of a point)."""
+    learning rate it cannot learn with, 76 points below, next to differences of a point). When every other mode
+    ties the baseline there is nothing to flatten, so nothing is set aside."""
     remaining = dict(distances)
     outliers: set[int] = set()
     while len(remaining) >= 3:
         ordered = sorted(remaining, key=remaining.__getitem__, reverse=True)
         farthest, next_one = remaining[ordered[0]], remaining[ordered[1]]
-        if farthest <= ratio * next_one:
+        if next_one == 0 or farthest <= ratio * next_one:
             break
         outliers.add(ordered[0])
         del remaining[ordered[0]]

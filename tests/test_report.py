@@ -173,6 +173,17 @@ def test_runs_without_config_yaml_pair_by_the_seed_in_metrics_json(tmp_path: Pat
     assert table_row(markdown, "etf")[6] == f"+{mean:.2f} [−{-low:.2f}, +{high:.2f}] (within noise)"
 
 
+def test_without_config_yaml_frozen_embeddings_are_part_of_a_mode_s_definition(tmp_path: Path) -> None:
+    """The same ETF with and without the input embeddings frozen is two modes, not two seeds of one."""
+    runs = [write_run(tmp_path / f"s{seed}", seed, config=False) for seed in (0, 1)]
+    for seed, run in enumerate(runs):
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["modes"][1]["freeze_input_embeddings"] = seed == 1
+        (run / "metrics.json").write_text(json.dumps({**metrics, "seed": seed}))
+    with pytest.raises(ReportError, match=r"define mode 'etf' differently \(modes\[etf\]\.freeze_input_embeddings"):
+        write_report(runs, tmp_path / "out")
+
+
 def test_treatments_perplexity_and_adaptive_locks_from_the_rows(tmp_path: Path) -> None:
     """Rows as `etf-hf train` writes them for every treatment, with a declared lower-is-better metric."""
     adaptive = {"settings": {"basis": "nearest", "threshold": 0.9}, "locked": [2, 3],
@@ -258,6 +269,7 @@ def test_far_outliers_are_set_aside_only_when_they_would_flatten_the_rest() -> N
     assert far_outliers({0: 0.0, 1: 3.0, 2: 6.7, 3: 3.3}) == set()  # GPT-2's perplexities: no outlier
     assert far_outliers({0: 0.0, 1: 500.0, 2: 90.0, 3: 1.0, 4: 0.5}) == {1, 2}  # set aside one after another
     assert far_outliers({0: 0.0, 1: 76.0}) == set()  # two modes: nothing to compare against
+    assert far_outliers({0: 0.0, 1: 0.8, 2: 0.0}) == set()  # the quickstart: only one mode differs at all
 
 
 def test_metric_plot_with_an_off_scale_mode(tmp_path: Path) -> None:
