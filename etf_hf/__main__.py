@@ -1,6 +1,6 @@
 """``python -m etf_hf`` is the ``etf-hf`` command (useful where the console script is not on PATH)."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

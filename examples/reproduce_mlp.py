@@ -32,7 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 import etf_hf
 from etf_hf import AdaptiveETFCallback, CollapseMLPConfig, ETFConfig, MLPForImageClassification, collapse_report
 from etf_hf.controls import CONTROL_BASES
-from etf_hf.report import format_interval, paired_interval
+from etf_hf.app.report import format_interval, paired_interval
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "mlp_fashion_mnist.yaml"

@@ -22,7 +22,7 @@ from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClass
 
 import etf_hf
 from etf_hf.controls import CONTROL_BASES
-from etf_hf.report import format_interval, paired_interval
+from etf_hf.app.report import format_interval, paired_interval
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The benchmark harness (etf_hf.bench): a CPU smoke run through `main`, and its parts.
+"""The benchmark harness (etf_hf.app.bench): a CPU smoke run through `main`, and its parts.
 
 No timing is asserted here: performance goals live in BENCHMARKS.md and are measured with the harness.
 """
@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from etf_hf import ETFConfig, patch
 from etf_hf.architectures import find_slots
-from etf_hf.bench import (BiasOnly, Settings, _child_command, _densify_structured, add_ratios, build_parser,
+from etf_hf.app.bench import (BiasOnly, Settings, _child_command, _densify_structured, add_ratios, build_parser,
                           freeze_ffn_weights, lora_available, main, make_ffn_free, markdown, run_benchmark)
 from tiny_models import tiny_gpt2, token_batch
 
@@ -145,7 +145,7 @@ def test_bad_arguments_are_named(argv, named, capsys, restore_threads):
 
 
 def test_lora_skipped_with_a_note_without_peft(monkeypatch):
-    monkeypatch.setattr("etf_hf.bench.lora_available", lambda: False)
+    monkeypatch.setattr("etf_hf.app.bench.lora_available", lambda: False)
     settings = Settings("gpt2", "tiny", 2, 16, 1, 0, "fp32", "cpu", False, 0, 1e-4, False, None, 1)
     result = run_benchmark(settings, ["lora"])
     assert result["results"] == [] and result["skipped"][0]["mode"] == "lora"
@@ -168,7 +168,7 @@ def test_isolated_child_command_round_trips():
     settings = Settings("bert", '{"num_hidden_layers": 3}', 4, 64, 7, 2, "bf16", "cpu", True, 3, 2e-4, False,
                         "ffn-free", 2)
     command = _child_command(settings, "ffn-free", "/tmp/x.json", threads=1)
-    assert command[1:3] == ["-m", "etf_hf.bench"]
+    assert command[1:3] == ["-m", "etf_hf.app.bench"]
     options = build_parser().parse_args(command[3:])
     assert (options.family, options.size, options.batch, options.seq, options.modes, options.steps, options.warmup,
             options.dtype, options.compile, options.seed, options.lr, options.checkpoint, options.profile,
@@ -179,7 +179,7 @@ def test_isolated_child_command_round_trips():
 
 def test_etf_hf_bench_subcommand_runs_the_harness(tmp_path):
     """`etf-hf bench ...` hands its options to the harness untouched (argparse would swallow them)."""
-    from etf_hf.cli import main as cli_main
+    from etf_hf.app.cli import main as cli_main
 
     out = tmp_path / "bench.json"
     status = cli_main(["bench", "--family", "gpt2", "--size", "tiny", "--batch", "1", "--seq", "8", "--steps", "1",

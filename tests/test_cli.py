@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from etf_hf import cli
-from etf_hf.train import DEFAULT_CONFIG, ConfigError, apply_overrides, load_config, validate
+from etf_hf.app import cli
+from etf_hf.app.runner import DEFAULT_CONFIG, ConfigError, apply_overrides, load_config, validate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

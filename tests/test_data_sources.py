@@ -1,4 +1,4 @@
-"""`etf-hf train` data sources (etf_hf.data) and what the tasks make of them (etf_hf.tasks): files read
+"""`etf-hf train` data sources (etf_hf.app.data) and what the tasks make of them (etf_hf.app.tasks): files read
 verbatim, labels numbered in sorted order, held-out splits, images brought to the model, token blocks,
 and errors that name the key."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from etf_hf.data import validate_data
-from etf_hf.recipe import ConfigError
-from etf_hf.tasks import TASKS, byte_level_tokenizer, pixel_values, prepare_data
+from etf_hf.app.data import validate_data
+from etf_hf.app.recipe import ConfigError
+from etf_hf.app.tasks import TASKS, byte_level_tokenizer, pixel_values, prepare_data
 
 TREC_ROWS = [("DESC", 'What does "NA" mean ?'), ("HUM", "Who wrote Hamlet ?"), ("LOC", "Where is Rome ?"),
              ("NUM", "How many legs has a spider ?"), ("DESC", "NA"), ("HUM", "Who painted the Mona Lisa ?"),

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 import etf_hf
-from etf_hf import cli
-from etf_hf.modes import probe_subset
-from etf_hf.probe import probe
-from etf_hf.train import ConfigError, apply_overrides, build_model, load_config, load_data, validate
+from etf_hf.app import cli
+from etf_hf.app.treatments import probe_subset
+from etf_hf.app.probe import probe
+from etf_hf.app.runner import ConfigError, apply_overrides, build_model, load_config, load_data, validate
 
 #: The quickstart shrunk to a 2-block, 16-wide ViT: building and probing take a second.
 TINY = ["model.from_config.hidden_size=16", "model.from_config.num_hidden_layers=2",

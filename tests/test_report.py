@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from etf_hf import cli
-from etf_hf.report import ReportError, far_outliers, paired_interval, t_quantile_975, write_report
-from etf_hf.train import DEFAULT_CONFIG
+from etf_hf.app import cli
+from etf_hf.app.report import ReportError, far_outliers, paired_interval, t_quantile_975, write_report
+from etf_hf.app.runner import DEFAULT_CONFIG
 
 #: Two-sided 95 % Student-t quantiles from printed tables (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2).
 TEXTBOOK_T = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 9: 2.262, 29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000,

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from etf_hf import cli
-from etf_hf.train import ConfigError, load_config, validate
+from etf_hf.app import cli
+from etf_hf.app.runner import ConfigError, load_config, validate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml") if p.name != "mlp_fashion_mnist.yaml")
@@ -131,7 +131,7 @@ def test_apply_mode_freezes_the_embeddings_only_where_a_model_has_them() -> None
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from etf_hf.modes import ModeSpec, apply_mode
+    from etf_hf.app.treatments import ModeSpec, apply_mode
 
     model = BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                                      intermediate_size=32, vocab_size=64))
@@ -172,7 +172,7 @@ def test_lora_without_peft_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.
 
 def test_images_are_brought_to_the_model_size() -> None:
     """The digits are 8x8; a ViT for 16x16 single-channel images gets them resized, not refused."""
-    from etf_hf.train import apply_overrides, load_data
+    from etf_hf.app.runner import apply_overrides, load_data
 
     raw, name = load_config(None)
     spec = validate(apply_overrides(raw, ["model.from_config.image_size=16", "model.from_config.patch_size=4"]), name)

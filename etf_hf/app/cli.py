@@ -1,5 +1,5 @@
-"""The ``etf-hf`` command. Thin on purpose: argument parsing and error reporting only; `etf_hf.train`,
-`etf_hf.report` and `etf_hf.probe` do the work.
+"""The ``etf-hf`` command. Thin on purpose: argument parsing and error reporting only; `etf_hf.app.runner`,
+`etf_hf.app.report` and `etf_hf.app.probe` do the work.
 
 ``etf-hf train [CONFIG.yaml] [key=value ...]`` trains every mode of a recipe side by side and prints a
 summary table; with no CONFIG it runs the packaged quickstart. ``etf-hf report RUN_DIR ...`` turns run
@@ -48,7 +48,7 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="etf-hf", description="Fix transformer feed-forward layers to simplex ETFs "
                                      "(arXiv 2412.00884) and compare against full training.")
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"etf-hf {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -109,7 +109,7 @@ def split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def train_command(args: list[str], print_config: bool, only: list[str] | None = None) -> int:
-    from .train import apply_overrides, load_config, run, select_modes, summary, validate
+    from .runner import apply_overrides, load_config, run, select_modes, summary, validate
 
     path, overrides = split_train_args(args)
     raw, name = load_config(path)
@@ -134,7 +134,7 @@ def report_command(options: argparse.Namespace) -> int:
 
 def probe_command(options: argparse.Namespace) -> int:
     from .probe import format_rows, probe
-    from .train import ConfigError, apply_overrides, load_config, validate
+    from .runner import ConfigError, apply_overrides, load_config, validate
 
     if not 0 <= options.threshold <= 1:
         raise ConfigError(f"--threshold {options.threshold}: an NCC accuracy threshold lies in [0, 1]")
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     from .report import ReportError
-    from .train import ConfigError
+    from .runner import ConfigError
 
     try:
         if options.command == "report":

@@ -9,10 +9,10 @@ each mode's trained model (with its tokenizer for text tasks).
 
 A recipe has these top-level keys (see ``configs/*.yaml``)::
 
-    task: image-classification        # or sequence-classification, causal-lm (etf_hf.tasks)
+    task: image-classification        # or sequence-classification, causal-lm (etf_hf.app.tasks)
     model: {from_config: {model_type: vit, ...}}   # or {pretrained: folder | package:NAME}; tokenizer: ...
-    data: {source: sklearn_digits, test_fraction: 0.2, seed: 0}      # sources: etf_hf.data
-    modes: [{name: full}, {name: etf, etf: {basis: orthogonal}}]     # treatments: etf_hf.modes
+    data: {source: sklearn_digits, test_fraction: 0.2, seed: 0}      # sources: etf_hf.app.data
+    modes: [{name: full}, {name: etf, etf: {basis: orthogonal}}]     # treatments: etf_hf.app.treatments
     training: {...}                   # passed through to TrainingArguments
     output_dir: null                  # default runs/<config-name>-<timestamp>
     torch_threads: 1                  # optional; null keeps torch's default
@@ -39,7 +39,7 @@ import yaml
 from huggingface_hub.errors import StrictDataclassError
 
 from .data import validate_data
-from .modes import (ModeSpec, adaptive_callback, apply_mode, check_modes_fit_model, input_embeddings, placement_data,
+from .treatments import (ModeSpec, adaptive_callback, apply_mode, check_modes_fit_model, input_embeddings, placement_data,
                     validate_modes)
 from .recipe import ConfigError, expect, reject_unknown, resolve_folder
 from .tasks import TASKS, DataSplits, Task, load_tokenizer, perplexity, prepare_data
@@ -270,7 +270,7 @@ def _coerce_training_value(key: str, value: Any, annotation: Any, where: str = "
 
 def select_modes(spec: RunSpec, names: list[str]) -> RunSpec:
     """The recipe with only the modes ``names`` (in the recipe's order). config.yaml still records every
-    mode: `etf_hf.report` pairs folders of one seed that trained different modes of one recipe."""
+    mode: `etf_hf.app.report` pairs folders of one seed that trained different modes of one recipe."""
     known = [mode.name for mode in spec.modes]
     unknown = [name for name in names if name not in known]
     if unknown or not names:
@@ -329,7 +329,7 @@ def train_mode(spec: RunSpec, mode: ModeSpec, data: DataSplits, run_dir: Path) -
     """
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    from .patch import parameter_summary
+    from ..patch import parameter_summary
 
     task = TASKS[spec.task]
     mode_dir = run_dir / mode.name
@@ -465,7 +465,7 @@ def _run(spec: RunSpec) -> dict[str, Any]:
 def _environment() -> dict[str, Any]:
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"etf_hf": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "torch_threads": torch.get_num_threads(),

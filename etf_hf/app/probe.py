@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .train import ConfigError, DataSplits, RunSpec, TASKS, build_model, default_run_dir, load_data
+from .runner import ConfigError, DataSplits, RunSpec, TASKS, build_model, default_run_dir, load_data
 
 #: Columns printed per block (every row also carries the NC2 measures in the JSON).
 TABLE_COLUMNS = ("ncc", "nc1", "etf_error", "cdnv")
@@ -34,7 +34,7 @@ class ProbeResult:
 def probe_model(spec: RunSpec, data: DataSplits, mode: str | None, checkpoint: str | Path | None) -> Any:
     """The model to probe: a saved checkpoint, or the model `etf-hf train` starts ``mode`` from (built with
     the recipe's training seed, then given the mode's treatment exactly as `etf-hf train` does)."""
-    from .modes import apply_mode, placement_data
+    from .treatments import apply_mode, placement_data
 
     if checkpoint is not None:
         if mode is not None:
@@ -81,8 +81,8 @@ def probe(spec: RunSpec, mode: str | None = None, checkpoint: str | Path | None 
 
     Default ``output``: the checkpoint folder, else ``runs/probe-<recipe>-<timestamp>``.
     """
-    from .collapse import collapse_report, plot_collapse
-    from .modes import probe_subset
+    from ..collapse import collapse_report, plot_collapse
+    from .treatments import probe_subset
 
     if not TASKS[spec.task].has_labels:
         raise ConfigError(f"task {spec.task!r} has no class labels; neural collapse is measured per class, so "

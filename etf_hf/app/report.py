@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 try:  # the controls module is new; the names are the contract, so fall back to them
-    from .controls import CONTROL_BASES
+    from ..controls import CONTROL_BASES
 except ImportError:  # pragma: no cover - only on a checkout without etf_hf.controls
     CONTROL_BASES = ("gaussian", "zero", "frozen")
 

@@ -1,7 +1,7 @@
 """Data sources of `etf-hf train`: a recipe's ``data:`` section -> a `datasets.DatasetDict` of raw columns.
 
 Every source goes through Hugging Face `datasets`, so a recipe can name a Hub dataset as easily as a local
-file, and the task (`etf_hf.tasks`) sees one kind of object whatever the origin:
+file, and the task (`etf_hf.app.tasks`) sees one kind of object whatever the origin:
 
 ==============  ===============================================  ===========================================
 ``source``      keys (besides the common ones)                   read with

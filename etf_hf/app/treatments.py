@@ -65,7 +65,7 @@ class ModeSpec:
     frozen: dict[str, Any] | None = None
     lora: dict[str, Any] | None = None
     adaptive: dict[str, Any] | None = None
-    #: The mode's own TrainingArguments fields over the recipe's ``training`` (checked by `etf_hf.train`).
+    #: The mode's own TrainingArguments fields over the recipe's ``training`` (checked by `etf_hf.app.runner`).
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: ``requires_grad=False`` on the input embedding module's parameters, on top of the treatment.
     freeze_input_embeddings: bool = False
@@ -107,7 +107,7 @@ def validate_modes(value: Any, has_labels: bool, model_type: str, training: dict
 
 
 def _validate_mode_training(value: Any, where: str) -> dict[str, Any]:
-    """A mode's ``training`` overrides; the keys and values are checked with the recipe's by `etf_hf.train`.
+    """A mode's ``training`` overrides; the keys and values are checked with the recipe's by `etf_hf.app.runner`.
     The seed is refused: every mode must start from the same weights and data order to be compared."""
     if value is None:
         return {}
@@ -129,7 +129,7 @@ def _validate_freeze_embeddings(mode: dict[str, Any], where: str, treatments: li
 
 def _validate_etf(settings: dict[str, Any], where: str, has_labels: bool, *context: Any) -> Any:
     """Any ETFConfig field passes through (bases, controls, head, ...); ETFConfig itself validates the values."""
-    from .config import ETFConfig
+    from ..config import ETFConfig
 
     fields = [f.name for f in dataclasses.fields(ETFConfig) if f.name not in _ETF_RECORD_FIELDS]
     reject_unknown(settings, fields, where)
@@ -185,7 +185,7 @@ def _validate_lora(settings: dict[str, Any], where: str, has_labels: bool, model
 def _validate_adaptive(settings: dict[str, Any], where: str, has_labels: bool, model_type: str,
                        training: dict[str, Any]) -> dict[str, Any]:
     """AdaptiveETFCallback kwargs plus ``probe_size``; the callback is built once to surface its own errors."""
-    from .adaptive import AdaptiveETFCallback
+    from ..adaptive import AdaptiveETFCallback
 
     if not has_labels:
         raise ConfigError(f"{where}: Adaptive-ETF locks blocks by nearest-class-mean accuracy, which needs class "
@@ -212,8 +212,8 @@ def check_modes_fit_model(modes: list[ModeSpec], skeleton: Callable[[], torch.nn
     """Surface apply-time errors (``layers: last:9`` on a 4-block model, a LoRA target that matches nothing)
     now, not after the first mode trained. ``skeleton()`` builds the model on the meta device (structure
     only, no memory); LoRA gets a fresh one, since peft rewrites the model it wraps."""
-    from .architectures import find_slots
-    from .config import ETFConfig
+    from ..architectures import find_slots
+    from ..config import ETFConfig
 
     shared = None
     for i, mode in enumerate(modes):
@@ -253,9 +253,9 @@ def apply_mode(model: torch.nn.Module, mode: ModeSpec, **placement: Any) -> torc
     from data (see `placement_data`). Adaptive-ETF changes nothing here; its callback (`adaptive_callback`)
     locks blocks during training.
     """
-    from .architectures import find_slots
-    from .config import ETFConfig
-    from .patch import patch
+    from ..architectures import find_slots
+    from ..config import ETFConfig
+    from ..patch import patch
 
     if mode.etf is not None:
         try:
@@ -313,7 +313,7 @@ def placement_data(mode: ModeSpec, pretrained: bool, train: torch.utils.data.Dat
 def adaptive_callback(mode: ModeSpec, train: torch.utils.data.Dataset, num_classes: int, seed: int) -> Any:
     """The mode's `AdaptiveETFCallback`, probing ``probe_size`` random training examples (the same ones at
     every check). Attach it to the trainer: ``callback.attach(trainer)``."""
-    from .adaptive import AdaptiveETFCallback
+    from ..adaptive import AdaptiveETFCallback
 
     settings = dict(mode.adaptive)
     probe = probe_subset(train, settings.pop("probe_size"), seed)

@@ -1,6 +1,6 @@
 """Benchmark harness: the cost of one training step per way of treating the feed-forward projections.
 
-``python -m etf_hf.bench --family gpt2 --size large --batch 2 --seq 512 --dtype bf16`` builds the model
+``python -m etf_hf.app.bench --family gpt2 --size large --batch 2 --seq 512 --dtype bf16`` builds the model
 from a config (no downloads, random inputs) once per *mode*, and times one training step (forward,
 backward, AdamW step, zero_grad) after warm-up:
 
@@ -49,10 +49,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .architectures import Slot, find_slots
-from .config import ETFConfig
-from .etf import BASES
-from .injection import etf_layers, parameter_summary
+from ..architectures import Slot, find_slots
+from ..config import ETFConfig
+from ..etf import BASES
+from ..injection import etf_layers, parameter_summary
 
 FAMILIES = ("gpt2", "bert", "vit")
 SIZES = ("tiny", "small", "large")
@@ -214,7 +214,7 @@ def freeze_ffn_weights(model: nn.Module) -> list[Slot]:
 
 def _densify_structured(model: nn.Module) -> None:
     """Benchmark-only: give each structured ETF layer its materialised frame and the dense forward."""
-    from .layers import _FixedFrameLinear
+    from ..layers import _FixedFrameLinear
 
     def dense_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return _FixedFrameLinear.apply(x, layer._buffers["frame"], layer.frame_norm, layer.bias)
@@ -252,7 +252,7 @@ def apply_mode(model: nn.Module, mode: str, family: str) -> nn.Module:
                             fan_in_fan_out=family == "gpt2")  # GPT-2's Conv1D stores (in, out)
         return get_peft_model(model, config)
     if mode.startswith("etf-"):
-        from .patch import patch
+        from ..patch import patch
 
         dense = mode.endswith("-dense")
         basis = mode.removeprefix("etf-").removesuffix("-dense")
@@ -606,7 +606,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog or "python -m etf_hf.bench",
+        prog=prog or "python -m etf_hf.app.bench",
         description="Time one training step (forward, backward, AdamW, zero_grad) of a model built from a config, "
                     "per way of treating its FFN projections, and report trainable parameters, median step time, "
                     "peak memory, checkpoint size and ratios to full training and to the FFN-free bound.",
@@ -672,7 +672,7 @@ def _settings(options: argparse.Namespace) -> tuple[Settings, list[str]]:
 
 
 def _child_command(settings: Settings, mode: str, json_path: str, threads: int | None) -> list[str]:
-    command = [sys.executable, "-m", "etf_hf.bench", "--family", settings.family, "--size", settings.size,
+    command = [sys.executable, "-m", "etf_hf.app.bench", "--family", settings.family, "--size", settings.size,
                "--batch", str(settings.batch), "--seq", str(settings.seq), "--modes", mode,
                "--steps", str(settings.steps), "--warmup", str(settings.warmup), "--dtype", settings.dtype,
                "--device", settings.device, "--seed", str(settings.seed), "--lr", repr(settings.lr),
@@ -712,13 +712,13 @@ def run_benchmark(settings: Settings, modes: list[str], isolate: bool = False,
             skipped.append({"mode": mode, "reason": "peft is not installed (pip install peft)"})
             continue
         if log:
-            log(f"etf_hf.bench: {mode} ...")
+            log(f"etf_hf.app.bench: {mode} ...")
         row = run_isolated(settings, mode, threads) if isolate else run_mode(settings, mode)
         if "skipped" in row:
             skipped.append(row["skipped"])
             continue
         if log:
-            log(f"etf_hf.bench: {mode}: {row['step_ms_median']:.1f} ms/step, "
+            log(f"etf_hf.app.bench: {mode}: {row['step_ms_median']:.1f} ms/step, "
                 f"{row['peak_memory_bytes'] / 2**30:.3f} GiB")
         rows.append(row)
     add_ratios(rows)
@@ -728,12 +728,12 @@ def run_benchmark(settings: Settings, modes: list[str], isolate: bool = False,
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Entry point of ``python -m etf_hf.bench``; returns the exit status (2 for a bad argument)."""
+    """Entry point of ``python -m etf_hf.app.bench``; returns the exit status (2 for a bad argument)."""
     options = build_parser(prog).parse_args(argv)
     try:
         settings, modes = _settings(options)
     except BenchError as error:
-        print(f"{prog or 'etf_hf.bench'}: error: {error}", file=sys.stderr)
+        print(f"{prog or 'etf_hf.app.bench'}: error: {error}", file=sys.stderr)
         return 2
     if options.threads is not None:
         torch.set_num_threads(options.threads)

@@ -1,7 +1,7 @@
 """The checks every part of an `etf-hf train` recipe shares: `ConfigError` and type/key tests that name the key.
 
-Kept apart from `etf_hf.train` so that the data sources (`etf_hf.data`), the tasks (`etf_hf.tasks`) and
-the modes (`etf_hf.modes`) can raise the same error without importing the training loop.
+Kept apart from `etf_hf.app.runner` so that the data sources (`etf_hf.app.data`), the tasks (`etf_hf.app.tasks`) and
+the modes (`etf_hf.app.treatments`) can raise the same error without importing the training loop.
 """
 from __future__ import annotations
 
