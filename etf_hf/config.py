@@ -1,9 +1,12 @@
 """`ETFConfig`: which projections become fixed simplex-ETF layers, validated once, stored as `config.etf`."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+import torch
 
 from .controls import CONTROL_BASES
 from .etf import BASES
@@ -19,6 +22,8 @@ _ADDED_IN_VERSION = {"head": 2, "head_basis": 2, "placement": 2}
 PROJECTIONS = ("up", "down", "both")
 STORAGES = ("compact", "dense")
 _LAST_N = re.compile(r"last:(\d+)")
+#: The largest number gain tensors can hold: they are float32 (or the model's dtype, checked by `etf_hf.patch`).
+GAIN_MAX = float(torch.finfo(torch.float32).max)
 #: ``layers`` values that `etf_hf.patch` resolves into block indices itself (the default and ``"auto"``).
 LAYER_CHOICES = (None, "auto")
 
@@ -112,10 +117,7 @@ class ETFConfig:
                              f"or a control ({', '.join(CONTROL_BASES)})")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"ETFConfig.seed={self.seed!r}: must be a non-negative int")
-        if isinstance(self.gain, bool) or not (
-            self.gain == "match" or (isinstance(self.gain, (int, float)) and self.gain > 0)
-        ):
-            raise ValueError(f"ETFConfig.gain={self.gain!r}: use 'match' or a positive number")
+        self._validate_gain()
         if not isinstance(self.trainable_gain, bool):
             raise ValueError(f"ETFConfig.trainable_gain={self.trainable_gain!r}: must be true or false")
         if self.target_modules is not None:
@@ -146,6 +148,26 @@ class ETFConfig:
                     f"version {FORMAT_VERSION}: upgrade etf_hf (pip install -U etf_hf)"
                 )
             raise ValueError(f"ETFConfig.format_version={self.format_version!r}: expected {FORMAT_VERSION}")
+
+    def _validate_gain(self) -> None:
+        """'match' or a positive, finite number that float32 can hold: an infinite gain gives non-finite logits
+        and one beyond float32 fails deep inside torch with an overflow, far from the field that caused it."""
+        if self.gain == "match":
+            return
+        if isinstance(self.gain, bool) or not isinstance(self.gain, (int, float)):
+            raise ValueError(f"ETFConfig.gain={self.gain!r}: use 'match' or a positive number (1.0 gives unit-norm "
+                             f"frame vectors)")
+        too_big = f"does not fit in float32, the dtype gains are kept in (largest {GAIN_MAX:.3g})"
+        try:
+            value = float(self.gain)
+        except OverflowError:  # an int beyond any float
+            problem = too_big
+        else:
+            problem = ("is not finite" if not math.isfinite(value) else "is not positive" if value <= 0
+                       else too_big if value > GAIN_MAX else None)
+        if problem:
+            raise ValueError(f"ETFConfig.gain={self.gain!r} {problem}: use 'match' (the replaced weight's norm) or a "
+                             f"finite positive number such as 1.0")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form written to `model.config.etf`."""

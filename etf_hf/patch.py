@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import Slot, find_head, find_slots
+from .architectures import HEAD_ATTRIBUTES, Slot, find_head, find_slots
 from .config import LAYER_CHOICES, ETFConfig
 from .controls import CONTROL_BASES
 from .injection import apply_etf_layers, parameter_summary
@@ -73,6 +73,42 @@ def _placed(model: PreTrainedModel, config: ETFConfig, data: Any, probe_options:
     return dataclasses.replace(config, layers=placement.layers, placement=placement.record())
 
 
+def _adapter(module: nn.Module) -> str | None:
+    """The class of the adapter wrapping a layer, when ``module`` is one: PEFT's tuner layers (LoRA, IA3, ...)
+    keep the layer they wrap as ``base_layer``, its ``modules_to_save`` wrapper as ``original_module``."""
+    if isinstance(getattr(module, "base_layer", None), nn.Module) or isinstance(
+            getattr(module, "original_module", None), nn.Module):
+        return f"{type(module).__module__}.{type(module).__qualname__}"
+    return None
+
+
+def _check_targets(model: PreTrainedModel, config: ETFConfig, head: bool) -> None:
+    """Refuse, before anything is replaced, targets that an ETF layer cannot silently take the place of.
+
+    An adapter on a projection to fix would be dropped with the layer it wraps (its weights gone, an empty
+    adapter saved); a numeric gain beyond the projection's dtype would become inf in the gain tensor.
+    """
+    targets = [(slot.name, getattr(slot.parent, slot.attribute)) for slot in find_slots(model, config)]
+    heads = [name for name in HEAD_ATTRIBUTES if isinstance(getattr(model, name, None), nn.Module)]
+    if head and heads:  # the head module and what it holds (RoBERTa's out_proj), before find_head looks inside
+        targets += [(f"{heads[0]}.{path}".rstrip("."), module) for path, module in getattr(model, heads[0]).named_modules()]
+    for path, module in targets:
+        if isinstance(module, ETFLinear):
+            continue
+        adapter = _adapter(module)
+        if adapter is not None:
+            raise ValueError(
+                f"etf_hf.patch: {path} is wrapped by an adapter ({adapter}); replacing it by an ETF layer would "
+                f"silently drop the adapter and its weights. Patch before adding adapters (etf_hf.patch(model, "
+                f"config), then get_peft_model), or leave this module out of the adapter's target_modules")
+        weight = getattr(module, "weight", None)
+        if isinstance(config.gain, (int, float)) and isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            largest = torch.finfo(weight.dtype).max
+            if config.gain > largest:
+                raise ValueError(f"ETFConfig.gain={config.gain!r} does not fit in {weight.dtype}, the dtype of {path} "
+                                 f"(largest {largest:.6g}): use 'match' (the replaced weight's norm) or a smaller gain")
+
+
 def patch(model: PreTrainedModel, config: ETFConfig | None = None, data: Any = None,
           **probe_options: Any) -> PreTrainedModel:
     """Fix the selected FFN projections of ``model`` (and with ``head=True`` its classifier) to simplex
@@ -92,7 +128,9 @@ def patch(model: PreTrainedModel, config: ETFConfig | None = None, data: Any = N
     """
     config = config if config is not None else ETFConfig()
     if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"etf_hf.patch expects a transformers PreTrainedModel, got {type(model).__name__}")
+        wrapped = " (a PEFT wrapper: patch the base model before get_peft_model)" if hasattr(model, "get_base_model") \
+            else ""
+        raise TypeError(f"etf_hf.patch expects a transformers PreTrainedModel, got {type(model).__name__}{wrapped}")
     existing = getattr(model.config, "etf", None)
     if existing is not None:
         previous = ETFConfig.from_dict(existing)
@@ -107,6 +145,7 @@ def patch(model: PreTrainedModel, config: ETFConfig | None = None, data: Any = N
             f"replace fixed frames. Start from the unpatched model to use a different ETF config."
         )
     config = _placed(model, config, data, probe_options)
+    _check_targets(model, config, head=config.head)
     slots = apply_etf_layers(model, config)
     if not slots:
         raise ValueError(f"ETFConfig {config} selects no projection of {type(model).__name__}")
@@ -198,5 +237,6 @@ def lock_blocks(model: PreTrainedModel, blocks: list[int], config: ETFConfig | N
         if no_ffn_yet:
             current = dataclasses.replace(current, basis=config.basis, projections=config.projections)
     merged = dataclasses.replace(current, layers=sorted(set(current.layers) | set(blocks)))
+    _check_targets(model, merged, head=False)
     model.config.etf = _resolved(merged, apply_etf_layers(model, merged)).to_dict()
     return list(model.config.etf["layers"])

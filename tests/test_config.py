@@ -32,6 +32,11 @@ def test_defaults_and_json_round_trip() -> None:
     (dict(seed="0"), "seed"),
     (dict(gain=0), "gain"),
     (dict(gain="big"), "gain"),
+    (dict(gain=-1.0), "gain"),
+    (dict(gain=float("inf")), "gain"),
+    (dict(gain=float("nan")), "gain"),
+    (dict(gain=1e300), "gain"),
+    (dict(gain=10**400), "gain"),
     (dict(trainable_gain="yes"), "trainable_gain"),
     (dict(target_modules="mlp"), "target_modules"),
     (dict(target_modules=["("]), "target_modules"),
@@ -40,6 +45,17 @@ def test_defaults_and_json_round_trip() -> None:
 def test_invalid_values_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"ETFConfig.{field}|{field}"):
         ETFConfig(**kwargs)
+
+
+@pytest.mark.parametrize("gain, problem", [(float("inf"), "is not finite"), (float("nan"), "is not finite"),
+                                           (1e300, "does not fit in float32"), (-2.0, "is not positive")])
+def test_a_gain_no_gain_tensor_can_hold_is_refused_with_the_fix(gain: float, problem: str) -> None:
+    with pytest.raises(ValueError, match=f"ETFConfig.gain=.* {problem}.*use 'match'"):
+        ETFConfig(gain=gain)
+
+
+def test_the_largest_float32_gain_is_accepted() -> None:
+    assert ETFConfig(gain=3e38).gain == 3e38
 
 
 def test_unknown_basis_lists_the_allowed_ones() -> None:
