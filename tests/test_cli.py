@@ -130,6 +130,14 @@ def test_yaml_exponent_without_dot_is_read_as_a_float() -> None:
     (["data.source=mnist"], ["data.source 'mnist'", "sklearn_digits"]),
     (["training.lerning_rate=0.1"], ["training.lerning_rate", "'learning_rate'"]),
     (["training.max_steps=many"], ["training.max_steps", "int"]),
+    (["training.learning_rate=-0.1"], ["training: the optimizer", "learning_rate", "Invalid learning rate: -0.1"]),
+    (["training.adam_beta1=1.5"], ["training: the optimizer", "adam_beta1", "Invalid beta parameter"]),
+    (["training.lr_scheduler_kwargs={bogus: 1}"], ["training: the learning-rate schedule", "lr_scheduler_kwargs",
+                                                   "bogus"]),
+    (["training.eval_strategy=sometimes"], ["training.eval_strategy='sometimes'", "invalid choice"]),
+    (["training.bf16=maybe"], ["training.bf16='maybe'", "TrainingArguments.bf16"]),
+    (["training.seed=1.5"], ["training.seed=1.5", "invalid int value"]),
+    (["modes.1.training.learning_rate=-1"], ["modes[1].training: the optimizer", "Invalid learning rate"]),
     (["training.output_dir=x"], ["training.output_dir", "top-level output_dir"]),
     (["model.from_config.hidden_sise=8"], ["model.from_config.hidden_sise"]),
     (["model.from_config.model_type=nope"], ["model.from_config.model_type 'nope'"]),
@@ -145,7 +153,9 @@ def test_yaml_exponent_without_dot_is_read_as_a_float() -> None:
     (["modes.1.training.lerning_rate=0.1"], ["modes[1].training.lerning_rate", "'learning_rate'"]),
     (["modes.1.training.seed=3"], ["modes[1].training sets the seed", "training.seed=N"]),
     (["modes.1.training.output_dir=x"], ["modes[1].training.output_dir", "top-level output_dir"]),
-    (["modes.1.training.lr_scheduler_type=zigzag"], ["modes[1].training: TrainingArguments rejected"]),
+    (["modes.1.training.lr_scheduler_type=zigzag"], ["modes[1].training.lr_scheduler_type='zigzag'",
+                                                      "invalid choice"]),
+    (["training.warmup_steps=-1"], ["training: TrainingArguments rejected", "warmup_steps >= 0"]),
     (["--only", "etf,nope"], ["--only nope: not a mode of this recipe", "full, etf, control-gaussian"]),
 ])
 def test_recipe_errors_name_the_key(overrides: list[str], expected: list[str],
@@ -172,3 +182,34 @@ def test_python_dash_m_shows_train_help() -> None:
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "CONFIG.yaml" in result.stdout and "key=value" in result.stdout
+
+
+def test_a_bad_training_value_stops_before_any_model_data_or_run_folder(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", *TINY, "training.learning_rate=-0.001", f"output_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid learning rate: -0.001" in err and "Traceback" not in err and "=== mode" not in err
+    assert not run_dir.exists()
+
+
+def test_yaml_values_are_typed_as_training_arguments_parses_them() -> None:
+    raw, name = load_config(None)
+    spec = validate(apply_overrides(raw, ["training.max_steps=3", "training.learning_rate='2e-3'",
+                                          "training.disable_tqdm=true", "training.report_to=[]"]), name)
+    assert spec.training["max_steps"] == 3 and spec.training["learning_rate"] == 2e-3
+    assert spec.training["disable_tqdm"] is True and spec.training["report_to"] == []
+
+
+def test_fewer_steps_than_logging_steps_says_so_and_writes_no_empty_plot(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """And the log's mode header says a control is a control."""
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", *TINY, "training.max_steps=2", "training.logging_steps=5", "--only", "control-gaussian",
+                     f"output_dir={run_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert "=== mode 'control-gaussian' (control: gaussian, not an ETF)" in out
+    assert "mode 'control-gaussian' logged no training loss: it ran 2 optimizer steps, fewer than logging_steps=5" in out
+    assert "no training loss logged by control-gaussian" in out and "so no loss plot" in out
+    assert not (run_dir / "training_loss.png").exists()
+    assert json.loads((run_dir / "metrics.json").read_text())["plots"] == []

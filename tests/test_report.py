@@ -358,3 +358,43 @@ def test_embedding_free_counts_and_the_head_show_when_recorded(tmp_path: Path) -
     etf = table_row(markdown, "etf_head")
     assert etf[2] == "2,3 / both + ETF head" and etf[8] == "600,000"
     assert table_row(markdown, "gaussian_head")[2] == "2,3 / both + head: control gaussian"
+
+
+def table_modes(markdown: str) -> list[str]:
+    return [line.split("|")[1].strip() for line in markdown.splitlines()
+            if line.startswith("| ") and not line.startswith("| mode |")]
+
+
+def test_rows_start_with_the_baseline_then_follow_the_recipe_whatever_the_folder_order(tmp_path: Path) -> None:
+    """Folders given by a shell glob come sorted by name; the table still starts with the baseline and keeps the
+    recipe's order (config.yaml lists every mode, also in a folder that trained some with ``--only``)."""
+    recipe = [MODES[2], MODES[1], MODES[0]]  # gauss, etf, full: the baseline (full) last in the recipe
+    folders = []
+    for seed in (0, 1):
+        folders.append(write_run(tmp_path / f"a-gauss-{seed}", seed, modes=recipe))
+        metrics = json.loads((folders[-1] / "metrics.json").read_text())
+        metrics["modes"] = [row for row in metrics["modes"] if row["name"] == "gauss"]  # --only gauss
+        (folders[-1] / "metrics.json").write_text(json.dumps(metrics))
+        folders.append(write_run(tmp_path / f"b-rest-{seed}", seed, modes=recipe))
+        metrics = json.loads((folders[-1] / "metrics.json").read_text())
+        metrics["modes"] = [row for row in metrics["modes"] if row["name"] != "gauss"]
+        (folders[-1] / "metrics.json").write_text(json.dumps(metrics))
+    _, markdown = write_report(sorted(folders), tmp_path / "report")
+    assert table_modes(markdown) == ["full", "gauss", "etf"]
+    _, markdown = write_report(sorted(folders), tmp_path / "report-etf", baseline="etf")
+    assert table_modes(markdown) == ["etf", "gauss", "full"]
+
+
+def test_modes_that_logged_no_loss_are_named_and_get_no_empty_plot(tmp_path: Path) -> None:
+    folder = write_run(tmp_path / "run", 0)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    for row in metrics["modes"]:
+        row["train_loss"] = []
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    _, markdown = write_report([folder])
+    assert "No training loss was logged by full, etf, gauss" in markdown and "there is no loss plot" in markdown
+    assert not (folder / "report_training_loss.png").exists()
+    metrics["modes"][0]["train_loss"] = [{"step": 1, "loss": 1.0}]
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    _, markdown = write_report([folder])
+    assert "logged by etf, gauss" in markdown and "the loss plot leaves them out" in markdown

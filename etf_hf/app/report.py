@@ -376,7 +376,8 @@ def choose_metric(runs: Sequence[Run], key: str | None) -> Metric:
 
 
 def summarize(runs: Sequence[Run], metric: Metric, baseline: str | None = None) -> tuple[list[ModeSummary], str]:
-    """Group rows by mode name (first-seen order) and add paired differences; returns (modes, baseline name).
+    """Group rows by mode name and add paired differences; returns (modes, baseline name), the baseline first,
+    then the recipe's order (`recipe_order`), whatever order the folders were given in.
 
     The default baseline is the first mode that trains everything (kind ``full``), else the first mode.
     """
@@ -413,7 +414,25 @@ def summarize(runs: Sequence[Run], metric: Metric, baseline: str | None = None) 
         shared = [seed for seed in mode.values if seed in reference]
         if mode.name != baseline and shared:
             mode.delta = paired_interval([mode.values[s] - reference[s] for s in shared])
-    return list(modes.values()), baseline
+    order = recipe_order(runs)
+    rank = {name: (name != baseline, order.index(name) if name in order else len(order)) for name in modes}
+    return sorted(modes.values(), key=lambda mode: rank[mode.name]), baseline
+
+
+def recipe_order(runs: Sequence[Run]) -> list[str]:
+    """Mode names in the order the recipe lists them (config.yaml's ``modes``, every mode even in a folder that
+    trained some with ``--only``), then those only metrics.json knows, in the order the folders hold them.
+
+    Folders are often given by a shell glob, sorted by name; a table in that order would not start with the
+    baseline and would reorder the recipe's deliberate sequence.
+    """
+    names: list[str] = []
+    entries = [entry for run in runs for entry in ((run.config or {}).get("modes") or [])]
+    rows = [row for run in runs for row in run.metrics["modes"]]
+    for name in [entry.get("name") for entry in entries if isinstance(entry, dict)] + [row["name"] for row in rows]:
+        if isinstance(name, str) and name not in names:
+            names.append(name)
+    return names
 
 
 def _locks_cell(locks_by_seed: dict[int | None, dict[str, Any]]) -> str:
@@ -561,6 +580,11 @@ def _notes(runs: Sequence[Run], modes: Sequence[ModeSummary], baseline: str, met
     if any(_best_model_selected(run) for run in runs):
         notes.append("- **Caution**: `load_best_model_at_end` was on and etf-hf evaluates on the test split, so "
                      "these are best-checkpoint-on-test numbers (optimistic).")
+    unlogged = [m.name for m in modes if not m.loss_curves]
+    if unlogged:
+        plot = "there is no loss plot" if len(unlogged) == len(modes) else "the loss plot leaves them out"
+        notes.append(f"- No training loss was logged by {', '.join(unlogged)} (fewer optimizer steps than "
+                     f"`training.logging_steps`), so {plot}; lower `training.logging_steps` to see their curves.")
     controls = [m.name for m in modes if m.is_control]
     if controls:
         notes.append(f"- Controls (not ETFs): {', '.join(controls)} — fixed weights with no ETF geometry at an ETF "

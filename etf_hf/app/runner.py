@@ -25,6 +25,7 @@ finished baseline run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import platform
@@ -38,6 +39,7 @@ import torch
 import yaml
 from huggingface_hub.errors import StrictDataclassError
 
+from ..controls import CONTROL_BASES
 from .data import validate_data
 from .treatments import (ModeSpec, adaptive_callback, apply_mode, check_modes_fit_model, input_embeddings, placement_data,
                     validate_modes)
@@ -234,38 +236,75 @@ def _validate_from_config(kwargs: Any) -> Any:
 
 
 def _validate_training(value: Any, where: str = "training", base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check keys and simple types against `TrainingArguments`, then build it once (over ``base``, the recipe's
-    validated settings, for a mode's overrides) to surface its own errors."""
+    """Check ``training:`` with transformers' and torch's own code, before any model or data work: keys against
+    `TrainingArguments`' fields, each value parsed as `HfArgumentParser` parses it from a command line, the real
+    `TrainingArguments` built (over ``base``, the recipe's validated settings, for a mode's overrides), and the
+    optimizer and learning-rate schedule those arguments describe created the way `Trainer` creates them.
+
+    `TrainingArguments` alone checks neither types nor a negative learning rate; the optimizer does, but only
+    once `Trainer` builds it, after the model and the data (and a partial run folder).
+    """
     from transformers import TrainingArguments
 
     expect(value, dict, where, "a mapping of TrainingArguments fields")
-    fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    fields = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
     if "output_dir" in value:
         raise ConfigError(f"{where}.output_dir is set per mode by etf-hf; use the top-level output_dir instead")
     reject_unknown(value, sorted(fields), where, "allowed keys are the fields of transformers.TrainingArguments")
-    training = {key: _coerce_training_value(key, val, fields[key].type, where) for key, val in value.items()}
+    training = {key: _parsed_training_value(key, val, where) for key, val in value.items()}
     try:
-        TrainingArguments(output_dir="unused", **{**(base or {}), **training})
+        args = TrainingArguments(output_dir="unused", **{**(base or {}), **training})
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{where}: TrainingArguments rejected the settings: {error}") from None
+    _check_optimizer_and_schedule(args, where)
     return training
 
 
-def _coerce_training_value(key: str, value: Any, annotation: Any, where: str = "training") -> Any:
-    """Type-check fields annotated as a plain bool/int/float/str.
+@functools.lru_cache(maxsize=1)
+def _training_parser() -> Any:
+    from transformers import HfArgumentParser, TrainingArguments
 
-    PyYAML reads ``1e-3`` (no dot) as a string, a classic trap for learning rates, so a numeric string
-    for a float field is converted rather than passed on to fail deep inside the optimizer.
-    """
-    if annotation is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(annotation)
-    if expected is not None:
-        expect(value, expected, f"{where}.{key}", f"a {annotation.__name__}")
-    return value
+    return HfArgumentParser(TrainingArguments, exit_on_error=False)
+
+
+def _parsed_training_value(key: str, value: Any, where: str) -> Any:
+    """A scalar as `HfArgumentParser` reads ``--key=value``: typed, and an enum field checked against its
+    choices. PyYAML reads ``1e-3`` (no dot) as a string, which becomes the float the field wants; mappings,
+    lists and null are passed on as given."""
+    import argparse
+
+    if value is None or isinstance(value, (dict, list)):
+        return value
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    try:
+        namespace, _ = _training_parser().parse_known_args([f"--{key}={text}"])
+    except argparse.ArgumentError as error:
+        raise ConfigError(f"{where}.{key}={value!r} is not valid for TrainingArguments.{key}: {error.message}") from None
+    return getattr(namespace, key)
+
+
+def _check_optimizer_and_schedule(args: Any, where: str) -> None:
+    """Create ``args``' optimizer on one dummy weight, with `Trainer`'s own choice of class and keywords and its
+    weight-decay group, and its learning-rate schedule: what they refuse (a negative learning rate, betas
+    outside [0, 1), unknown scheduler keywords) is refused now, naming the settings it comes from."""
+    from transformers import Trainer, get_scheduler
+
+    try:
+        optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+        weight = torch.nn.Parameter(torch.zeros(1))
+        optimizer = optimizer_class([{"params": [weight], "weight_decay": args.weight_decay}], **optimizer_kwargs)
+    except (ValueError, TypeError, ImportError) as error:
+        raise ConfigError(f"{where}: the optimizer ({where}.optim={args.optim.value!r}) refused its settings "
+                          f"(learning_rate, adam_beta1, adam_beta2, adam_epsilon, weight_decay, optim_args): "
+                          f"{error}") from None
+    steps = args.max_steps if args.max_steps > 0 else 1000  # the real count depends on the data
+    try:
+        get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(steps),
+                      num_training_steps=steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{where}: the learning-rate schedule ({where}.lr_scheduler_type="
+                          f"{args.lr_scheduler_type.value!r}) refused its settings (lr_scheduler_kwargs, "
+                          f"warmup_steps): {error}") from None
 
 
 def select_modes(spec: RunSpec, names: list[str]) -> RunSpec:
@@ -339,7 +378,7 @@ def train_mode(spec: RunSpec, mode: ModeSpec, data: DataSplits, run_dir: Path) -
                                spec.data["seed"])
     model = apply_mode(build_model(spec, data, args.seed), mode, **placement)
     params = parameter_summary(model)
-    print(f"\n=== mode {mode.name!r} ({mode.kind}): {params['trainable']:,} of {params['total']:,} weights trainable "
+    print(f"\n=== mode {mode.name!r} ({_kind_in_words(mode)}): {params['trainable']:,} of {params['total']:,} weights trainable "
           f"({100 * params['trainable'] / params['total']:.1f}%), {params['etf_fixed']:,} fixed in ETF frames ===",
           flush=True)
     trainer = Trainer(model=model, args=args, train_dataset=data.train,
@@ -352,10 +391,21 @@ def train_mode(spec: RunSpec, mode: ModeSpec, data: DataSplits, run_dir: Path) -
     start = time.perf_counter()
     trainer.train()
     train_time = time.perf_counter() - start
+    if not any("loss" in entry for entry in trainer.state.log_history):
+        print(f"note: mode {mode.name!r} logged no training loss: it ran {trainer.state.global_step} optimizer steps, "
+              f"fewer than logging_steps={args.logging_steps}; set training.logging_steps lower for a loss curve",
+              flush=True)
     test = trainer.evaluate(eval_dataset=data.test, metric_key_prefix="test")
     trainer.save_model(str(mode_dir))
     return _mode_row(task, mode, model, params, parameter_summary(model)["trainable"], test, train_time,
                      trainer.state, callback, mode_dir)
+
+
+def _kind_in_words(mode: ModeSpec) -> str:
+    """The treatment as the log shows it: a control basis at an ETF placement says it is a control, not an ETF."""
+    if mode.etf is not None and mode.etf.basis in CONTROL_BASES:
+        return f"control: {mode.etf.basis}, not an ETF"
+    return mode.kind
 
 
 def trainable_input_embeddings(model: Any) -> int:
@@ -482,12 +532,20 @@ def _row_metric(row: dict[str, Any]) -> str:
     return "perplexity" if "test_perplexity" in row else "accuracy"
 
 
+def unlogged_modes(modes: list[dict[str, Any]]) -> list[str]:
+    """Modes that logged no training loss: they ran fewer optimizer steps than ``training.logging_steps``."""
+    return [mode["name"] for mode in modes if not mode["train_loss"]]
+
+
 def write_plots(modes: list[dict[str, Any]], run_dir: Path) -> list[Path]:
-    """training_loss.png (every mode), plus eval_<metric>.png when the recipe evaluated during training.
+    """training_loss.png (the modes that logged a loss; none when no mode did), plus eval_<metric>.png when the
+    recipe evaluated during training.
 
     Uses matplotlib's object API (Figure + Agg canvas), not pyplot, so no display or global backend is touched.
     """
-    paths = [_line_plot(modes, "train_loss", "loss", "training loss", run_dir / "training_loss.png")]
+    paths = []
+    if any(mode["train_loss"] for mode in modes):
+        paths.append(_line_plot(modes, "train_loss", "loss", "training loss", run_dir / "training_loss.png"))
     metric = _row_metric(modes[0])
     if any(mode[f"eval_{metric}"] for mode in modes):
         paths.append(_line_plot(modes, f"eval_{metric}", metric, f"test {metric}", run_dir / f"eval_{metric}.png"))
@@ -543,7 +601,15 @@ def format_table(modes: list[dict[str, Any]]) -> str:
 
 def summary(metrics: dict[str, Any]) -> str:
     data = metrics["data"]
+    files = ", ".join(["metrics.json", "config.yaml", *(Path(p).name for p in metrics["plots"])])
+    unlogged = unlogged_modes(metrics["modes"])
+    note = ""
+    if unlogged:
+        left_out = "no loss plot" if len(unlogged) == len(metrics["modes"]) else \
+            f"the loss plot leaves {'it' if len(unlogged) == 1 else 'them'} out"
+        note = (f"no training loss logged by {', '.join(unlogged)} (fewer optimizer steps than "
+                f"training.logging_steps), so {left_out}\n")
     return (f"\n{metrics['config_name']}: {metrics['task']} on {data['source']} "
             f"({data['train_examples']} train / {data['test_examples']} test examples), "
-            f"{math.ceil(metrics['total_time_s'])} s in all\n\n{format_table(metrics['modes'])}\n\n"
-            f"run folder: {metrics['run_dir']} (metrics.json, config.yaml, {', '.join(Path(p).name for p in metrics['plots'])})")
+            f"{math.ceil(metrics['total_time_s'])} s in all\n\n{format_table(metrics['modes'])}\n\n{note}"
+            f"run folder: {metrics['run_dir']} ({files})")
