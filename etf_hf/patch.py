@@ -91,7 +91,8 @@ def _check_targets(model: PreTrainedModel, config: ETFConfig, head: bool) -> Non
     targets = [(slot.name, getattr(slot.parent, slot.attribute)) for slot in find_slots(model, config)]
     heads = [name for name in HEAD_ATTRIBUTES if isinstance(getattr(model, name, None), nn.Module)]
     if head and heads:  # the head module and what it holds (RoBERTa's out_proj), before find_head looks inside
-        targets += [(f"{heads[0]}.{path}".rstrip("."), module) for path, module in getattr(model, heads[0]).named_modules()]
+        head_modules = getattr(model, heads[0]).named_modules()
+        targets += [(f"{heads[0]}.{path}".rstrip("."), module) for path, module in head_modules]
     for path, module in targets:
         if isinstance(module, ETFLinear):
             continue

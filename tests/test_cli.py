@@ -209,7 +209,8 @@ def test_fewer_steps_than_logging_steps_says_so_and_writes_no_empty_plot(tmp_pat
                      f"output_dir={run_dir}"]) == 0
     out = capsys.readouterr().out
     assert "=== mode 'control-gaussian' (control: gaussian, not an ETF)" in out
-    assert "mode 'control-gaussian' logged no training loss: it ran 2 optimizer steps, fewer than logging_steps=5" in out
+    assert ("mode 'control-gaussian' logged no training loss: it ran 2 optimizer steps, fewer than "
+            "logging_steps=5") in out
     assert "no training loss logged by control-gaussian" in out and "so no loss plot" in out
     assert not (run_dir / "training_loss.png").exists()
     assert json.loads((run_dir / "metrics.json").read_text())["plots"] == []

@@ -222,7 +222,58 @@ def test_unknown_columns_name_the_key(tmp_path: Path, key: str, column: str) -> 
         prepared("sequence-classification", {"source": "tsv", "train_file": str(train), key: column},
                  tokenizer=WordTokenizer())
     assert str(error.value).startswith(f"data.{key} {column!r} is not a column of data.train_file ")
-    assert str(error.value).endswith("its columns: label, text")
+    assert "its columns: label, text; its first line is read as column names" in str(error.value)
+
+
+def write_headerless(path: Path, rows: list[tuple[str, str]], delimiter: str = "\t") -> Path:
+    """SST-2-like lines ``sentence<TAB>label`` from the first line on: no header line."""
+    path.write_text("".join(f"{text}{delimiter}{label}\n" for label, text in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("source, delimiter", [("tsv", "\t"), ("csv", ",")])
+def test_a_file_without_header_line_reads_every_line_with_the_named_columns(tmp_path: Path, source: str,
+                                                                           delimiter: str) -> None:
+    rows = [("1", "a charming journey"), ("0", "dull"), ("1", "moving"), ("0", "flat")]
+    train = write_headerless(tmp_path / "train.txt", rows * 3, delimiter)
+    test = write_headerless(tmp_path / "test.txt", rows[::-1], delimiter)
+    data = prepared("sequence-classification", {"source": source, "train_file": str(train), "test_file": str(test),
+                                                "header": False, "columns": ["sentence", "label"],
+                                                "text_column": "sentence"}, tokenizer=WordTokenizer())
+    assert len(data.train) == 12 and len(data.test) == 4          # the first line is an example, not a header
+    assert "".join(map(chr, data.test[3]["input_ids"])) == "a charming journey"
+    assert data.label_names == ["0", "1"] and [row["labels"] for row in data.test] == [0, 1, 0, 1]
+
+
+def test_a_file_without_header_line_read_as_if_it_had_one_is_refused_with_the_keys(tmp_path: Path) -> None:
+    rows = [("1", "a charming journey"), ("0", "dull"), ("1", "moving"), ("0", "flat")]
+    train = write_headerless(tmp_path / "train.tsv", rows * 3)
+    test = write_headerless(tmp_path / "test.tsv", rows[::-1])
+    settings = {"source": "tsv", "train_file": str(train), "test_file": str(test), "text_column": "sentence"}
+    with pytest.raises(ConfigError, match=r"start with different header lines \(\['a charming journey', '1'\] vs "
+                                          r"\['flat', '0'\]\).*data.header: false and data.columns"):
+        prepared("sequence-classification", settings, tokenizer=WordTokenizer())
+    with pytest.raises(ConfigError, match=r"data.text_column 'sentence' is not a column.*its first line is read as "
+                                          r"column names.*data.header: false and data.columns"):
+        prepared("sequence-classification", {**settings, "test_file": None}, tokenizer=WordTokenizer())
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"header": False}, "data.header is false, so data.columns must name the columns in file order"),
+    ({"columns": ["sentence", "label"]}, "data.columns names the columns of a file without a header line: set "
+                                         "data.header: false too"),
+    ({"header": "no", "columns": ["a", "b"]}, "data.header must be true (the first line names the columns) or false"),
+    ({"header": False, "columns": "sentence,label"}, "data.columns must be a list of column names"),
+    ({"header": False, "columns": ["s", "s"]}, "data.columns must be distinct, non-empty column names"),
+    ({"header": False, "columns": ["sentence"]}, "data.train_file '{train}': its first line has 2 tab-separated "
+                                                 "field(s) ['dull', '0'], but data.columns names 1 (sentence)"),
+])
+def test_header_and_columns_errors_name_the_key(tmp_path: Path, extra: dict[str, Any], message: str) -> None:
+    train = write_headerless(tmp_path / "train.tsv", [("0", "dull"), ("1", "moving")])
+    with pytest.raises(ConfigError) as error:
+        validate_data({"source": "tsv", "train_file": str(train), "text_column": "sentence", **extra},
+                      "sequence-classification", TASKS["sequence-classification"].data_keys)
+    assert message.format(train=train) in str(error.value)
 
 
 def test_a_text_column_of_numbers_or_a_single_class_is_refused(tmp_path: Path) -> None:

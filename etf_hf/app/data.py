@@ -7,8 +7,8 @@ file, and the task (`etf_hf.app.tasks`) sees one kind of object whatever the ori
 ``source``      keys (besides the common ones)                   read with
 ==============  ===============================================  ===========================================
 hub             name, config_name, train_split, test_split       ``datasets.load_dataset(name, config_name)``
-csv             train_file, test_file                            datasets' ``csv`` loader
-tsv             train_file, test_file                            ``csv`` with a tab delimiter, quoting off
+csv             train_file, test_file, header, columns           datasets' ``csv`` loader
+tsv             train_file, test_file, header, columns           ``csv`` with a tab delimiter, quoting off
 text            train_file, test_file                            ``text``, one example per file (causal-lm)
 npz             train_file, test_file, label_names_key           numpy: the arrays named by the columns
 imagefolder     train_dir, test_dir                              ``imagefolder`` (class = sub-folder name)
@@ -17,6 +17,12 @@ sklearn_digits  (none)                                           scikit-learn's 
 
 Common keys: ``test_fraction`` (held out when there is no test file/split), ``seed`` (of that split and
 of subsets), ``max_train_samples``/``max_test_samples`` (a seeded random subset, for quick runs).
+
+A CSV/TSV file's first line names its columns (``header: true``, the default). A file without that line
+(``sentence<TAB>label`` from the first line on) needs ``header: false`` and ``columns: [sentence, label]``, the
+names in file order; every line is then an example, and each file's first line must have that many fields.
+Train and test files whose first lines differ are refused while loading, with that advice: without it, the
+first example of each file would silently become its column names.
 
 TSV is read with quoting disabled because real TSVs (TREC, SST-2) contain unescaped ``"`` characters
 that a quoting parser would silently merge across lines; CSV/TSV cells are read verbatim (no "NA" ->
@@ -109,8 +115,10 @@ def load_source(data: dict[str, Any], columns: dict[str, str]) -> Any:
     for split, dataset in splits.items():
         for key, column in columns.items():
             if column not in dataset.column_names:
+                hint = ("; its first line is read as column names: for a file without a header line set data.header: "
+                        "false and data.columns: [names in file order]") if data.get("header") else ""
                 raise ConfigError(f"{key} {column!r} is not a column of {source.origin(data, split)}; "
-                                  f"its columns: {', '.join(dataset.column_names)}")
+                                  f"its columns: {', '.join(dataset.column_names)}{hint}")
     return splits
 
 
@@ -166,6 +174,77 @@ def _load_builder(builder: str, **kwargs: Any) -> Callable[[dict[str, Any], dict
         except (ValueError, TypeError, OSError) as error:  # e.g. a ragged CSV row, an unreadable image
             key = f"data.train_{'dir' if folder else 'file'}"
             raise ConfigError(f"{key}: datasets could not read {files} as {builder}: {error}") from None
+
+    return load
+
+
+def _table_keys() -> dict[str, Any]:
+    return {**_file_keys(), "header": True, "columns": None}
+
+
+def _first_fields(path: str, delimiter: str) -> list[str]:
+    """The fields of a file's first line, split as the loader splits them (TSV: on tabs, no quoting)."""
+    with open(path, encoding="utf-8", newline="") as file:
+        line = file.readline().rstrip("\r\n")
+    if delimiter == "\t":
+        return line.split("\t")
+    return next(csv.reader([line]), [])
+
+
+def _check_table(delimiter: str) -> Callable[[dict[str, Any]], None]:
+    """``header`` and ``columns`` of a csv/tsv source, and, for a file without a header line, that each file's
+    first line has as many fields as ``columns`` names."""
+    kind = "tab-separated" if delimiter == "\t" else "comma-separated"
+
+    def check(data: dict[str, Any]) -> None:
+        _check_files()(data)
+        header = expect(data["header"], bool, "data.header", "true (the first line names the columns) or false")
+        if data["columns"] is None:
+            if not header:
+                raise ConfigError("data.header is false, so data.columns must name the columns in file order, "
+                                  "e.g. columns: [sentence, label]")
+            return
+        columns = expect(data["columns"], list, "data.columns", "a list of column names in file order")
+        if header:
+            raise ConfigError("data.columns names the columns of a file without a header line: set data.header: "
+                              "false too, or drop data.columns to use the file's own header line")
+        distinct = len(set(columns)) == len(columns)
+        if not columns or not distinct or not all(isinstance(name, str) and name for name in columns):
+            raise ConfigError(f"data.columns must be distinct, non-empty column names (strings), got {columns!r}")
+        for key in ("train_file", "test_file"):
+            if data[key] is None:
+                continue
+            fields = _first_fields(data[key], delimiter)
+            if len(fields) != len(columns):
+                raise ConfigError(f"data.{key} {data[key]!r}: its first line has {len(fields)} {kind} field(s) "
+                                  f"{fields[:4]!r}, but data.columns names {len(columns)} ({', '.join(columns)})")
+
+    return check
+
+
+def _load_table(delimiter: str, **kwargs: Any) -> Callable[[dict[str, Any], dict[str, str]], Any]:
+    """A csv/tsv source: datasets' ``csv`` builder, told the column names when the files have no header line.
+
+    Files with header lines that differ (the first example of each headerless file read as its column names)
+    are refused naming both lines and the keys that fix it, instead of datasets' cast error.
+    """
+    def load(data: dict[str, Any], columns: dict[str, str]) -> Any:
+        import datasets
+        from datasets.exceptions import DatasetGenerationCastError
+
+        names = {} if data["header"] else {"header": None, "column_names": data["columns"]}
+        if data["header"] and data["test_file"] is not None:
+            train, test = (_first_fields(data[key], delimiter) for key in ("train_file", "test_file"))
+            if train != test:
+                raise ConfigError(f"data.train_file and data.test_file start with different header lines ({train!r} "
+                                  f"vs {test!r}); the first line of each file is read as its column names. For files "
+                                  f"without a header line set data.header: false and data.columns: [names in file "
+                                  f"order]")
+        try:
+            return datasets.load_dataset("csv", data_files=_data_files(data), delimiter=delimiter, **names, **kwargs)
+        except (ValueError, TypeError, OSError, DatasetGenerationCastError) as error:  # e.g. a ragged row
+            raise ConfigError(f"data.train_file: datasets could not read {_data_files(data)} as "
+                              f"{'tsv' if delimiter == chr(9) else 'csv'}: {error}") from None
 
     return load
 
@@ -281,10 +360,9 @@ def _no_check(data: dict[str, Any]) -> None:
 SOURCES: dict[str, Source] = {
     "hub": Source({"name": REQUIRED, "config_name": None, "train_split": "train", "test_split": None}, None,
                   _check_hub, _load_hub, _hub_origin),
-    "csv": Source(_file_keys(), None, _check_files(),
-                  _load_builder("csv", na_filter=False), _file_origin()),
-    "tsv": Source(_file_keys(), None, _check_files(),
-                  _load_builder("csv", delimiter="\t", quoting=csv.QUOTE_NONE, na_filter=False), _file_origin()),
+    "csv": Source(_table_keys(), None, _check_table(","), _load_table(",", na_filter=False), _file_origin()),
+    "tsv": Source(_table_keys(), None, _check_table("\t"),
+                  _load_table("\t", quoting=csv.QUOTE_NONE, na_filter=False), _file_origin()),
     "text": Source(_file_keys(), ("causal-lm",), _check_files(),
                    _load_builder("text", sample_by="document"), _file_origin()),
     "npz": Source({**_file_keys(), "label_names_key": None}, ("image-classification",), _check_npz, _load_npz,

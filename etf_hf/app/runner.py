@@ -279,7 +279,8 @@ def _parsed_training_value(key: str, value: Any, where: str) -> Any:
     try:
         namespace, _ = _training_parser().parse_known_args([f"--{key}={text}"])
     except argparse.ArgumentError as error:
-        raise ConfigError(f"{where}.{key}={value!r} is not valid for TrainingArguments.{key}: {error.message}") from None
+        raise ConfigError(f"{where}.{key}={value!r} is not valid for TrainingArguments.{key}: "
+                          f"{error.message}") from None
     return getattr(namespace, key)
 
 
@@ -378,7 +379,8 @@ def train_mode(spec: RunSpec, mode: ModeSpec, data: DataSplits, run_dir: Path) -
                                spec.data["seed"])
     model = apply_mode(build_model(spec, data, args.seed), mode, **placement)
     params = parameter_summary(model)
-    print(f"\n=== mode {mode.name!r} ({_kind_in_words(mode)}): {params['trainable']:,} of {params['total']:,} weights trainable "
+    print(f"\n=== mode {mode.name!r} ({_kind_in_words(mode)}): {params['trainable']:,} of {params['total']:,} "
+          f"weights trainable "
           f"({100 * params['trainable'] / params['total']:.1f}%), {params['etf_fixed']:,} fixed in ETF frames ===",
           flush=True)
     trainer = Trainer(model=model, args=args, train_dataset=data.train,
