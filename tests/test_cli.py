@@ -137,6 +137,7 @@ def test_yaml_exponent_without_dot_is_read_as_a_float() -> None:
     (["training.eval_strategy=sometimes"], ["training.eval_strategy='sometimes'", "invalid choice"]),
     (["training.bf16=maybe"], ["training.bf16='maybe'", "TrainingArguments.bf16"]),
     (["training.seed=1.5"], ["training.seed=1.5", "invalid int value"]),
+    (["training.save_strategy=no"], ["training.save_strategy=False", "quote it, e.g. save_strategy: \"no\""]),
     (["modes.1.training.learning_rate=-1"], ["modes[1].training: the optimizer", "Invalid learning rate"]),
     (["training.output_dir=x"], ["training.output_dir", "top-level output_dir"]),
     (["model.from_config.hidden_sise=8"], ["model.from_config.hidden_sise"]),

@@ -279,21 +279,30 @@ def _parsed_training_value(key: str, value: Any, where: str) -> Any:
     try:
         namespace, _ = _training_parser().parse_known_args([f"--{key}={text}"])
     except argparse.ArgumentError as error:
+        quote = f" (YAML reads an unquoted yes/no as a boolean: quote it, e.g. {key}: \"no\")" \
+            if isinstance(value, bool) else ""
         raise ConfigError(f"{where}.{key}={value!r} is not valid for TrainingArguments.{key}: "
-                          f"{error.message}") from None
+                          f"{error.message}{quote}") from None
     return getattr(namespace, key)
 
 
 def _check_optimizer_and_schedule(args: Any, where: str) -> None:
     """Create ``args``' optimizer on one dummy weight, with `Trainer`'s own choice of class and keywords and its
     weight-decay group, and its learning-rate schedule: what they refuse (a negative learning rate, betas
-    outside [0, 1), unknown scheduler keywords) is refused now, naming the settings it comes from."""
+    outside [0, 1), unknown scheduler keywords) is refused now, naming the settings it comes from.
+
+    Optimizers built from the model itself (GaLore and APOLLO on ``optim_target_modules``, LOMO) cannot be
+    built without it: plain SGD at the same learning rate stands in, so that the schedule is still checked.
+    """
     from transformers import Trainer, get_scheduler
 
+    weight = torch.nn.Parameter(torch.zeros(1))
     try:
-        optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
-        weight = torch.nn.Parameter(torch.zeros(1))
-        optimizer = optimizer_class([{"params": [weight], "weight_decay": args.weight_decay}], **optimizer_kwargs)
+        if args.optim_target_modules is not None or "lomo" in args.optim.value:
+            optimizer = torch.optim.SGD([weight], lr=args.learning_rate)
+        else:
+            optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+            optimizer = optimizer_class([{"params": [weight], "weight_decay": args.weight_decay}], **optimizer_kwargs)
     except (ValueError, TypeError, ImportError) as error:
         raise ConfigError(f"{where}: the optimizer ({where}.optim={args.optim.value!r}) refused its settings "
                           f"(learning_rate, adam_beta1, adam_beta2, adam_epsilon, weight_decay, optim_args): "
