@@ -125,7 +125,8 @@ def patch(model: PreTrainedModel, config: ETFConfig | None = None, data: Any = N
     ``model_type`` ``etf_gpt2``) and ``config.etf`` records the patch, so ``save_pretrained`` and
     ``AutoModel*.from_pretrained`` rebuild exactly this model. Patching again with the same config is a
     no-op (with ``layers`` unset or ``"auto"``, the blocks chosen the first time stand); with a different
-    one it raises (a frame is never silently replaced).
+    one it raises (a frame is never silently replaced). A projection (or, with ``head=True``, a classifier)
+    wrapped by a PEFT adapter is refused before anything changes: patch first, then add adapters elsewhere.
     """
     config = config if config is not None else ETFConfig()
     if not isinstance(model, PreTrainedModel):

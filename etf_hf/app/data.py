@@ -228,6 +228,8 @@ def _load_table(delimiter: str, **kwargs: Any) -> Callable[[dict[str, Any], dict
     Files with header lines that differ (the first example of each headerless file read as its column names)
     are refused naming both lines and the keys that fix it, instead of datasets' cast error.
     """
+    kind = "tsv" if delimiter == "\t" else "csv"
+
     def load(data: dict[str, Any], columns: dict[str, str]) -> Any:
         import datasets
         from datasets.exceptions import DatasetGenerationCastError
@@ -243,8 +245,8 @@ def _load_table(delimiter: str, **kwargs: Any) -> Callable[[dict[str, Any], dict
         try:
             return datasets.load_dataset("csv", data_files=_data_files(data), delimiter=delimiter, **names, **kwargs)
         except (ValueError, TypeError, OSError, DatasetGenerationCastError) as error:  # e.g. a ragged row
-            raise ConfigError(f"data.train_file: datasets could not read {_data_files(data)} as "
-                              f"{'tsv' if delimiter == chr(9) else 'csv'}: {error}") from None
+            raise ConfigError(f"data.train_file: datasets could not read {_data_files(data)} as {kind}: "
+                              f"{error}") from None
 
     return load
 
