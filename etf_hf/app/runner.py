@@ -389,9 +389,8 @@ def train_mode(spec: RunSpec, mode: ModeSpec, data: DataSplits, run_dir: Path) -
     model = apply_mode(build_model(spec, data, args.seed), mode, **placement)
     params = parameter_summary(model)
     print(f"\n=== mode {mode.name!r} ({_kind_in_words(mode)}): {params['trainable']:,} of {params['total']:,} "
-          f"weights trainable "
-          f"({100 * params['trainable'] / params['total']:.1f}%), {params['etf_fixed']:,} fixed in ETF frames ===",
-          flush=True)
+          f"weights trainable ({100 * params['trainable'] / params['total']:.1f}%), {params['etf_fixed']:,} fixed in "
+          f"ETF frames ===", flush=True)
     trainer = Trainer(model=model, args=args, train_dataset=data.train,
                       eval_dataset=data.test if args.eval_strategy != "no" else None,
                       data_collator=data.collator or default_data_collator, processing_class=data.tokenizer,
@@ -572,6 +571,8 @@ def _line_plot(modes: list[dict[str, Any]], series: str, value: str, label: str,
     axes = figure.add_subplot()
     for mode in modes:
         points = mode[series]
+        if not points:  # said in the run's summary; an empty line would only clutter the legend
+            continue
         axes.plot([p["step"] for p in points], [p[value] for p in points], marker=".", label=mode["name"])
     axes.set_xlabel("optimizer step")
     axes.set_ylabel(label)
