@@ -33,6 +33,15 @@ def test_lora_on_a_projection_to_fix_is_refused_naming_adapter_module_and_way_ou
     peft_model(token_batch())  # the adapter still computes
 
 
+def test_an_ia3_adapter_on_a_projection_to_fix_is_refused_too() -> None:
+    model = tiny_gpt2()
+    peft.get_peft_model(model, peft.IA3Config(target_modules=["c_fc"], feedforward_modules=["c_fc"],
+                                              fan_in_fan_out=True))
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.mlp\.c_fc is wrapped by an adapter \(peft\.tuners\.ia3"):
+        patch(model, ETFConfig())
+    assert _untouched(model, "GPT2LMHeadModel")
+
+
 def test_lora_on_one_selected_block_refuses_the_whole_patch() -> None:
     model = tiny_gpt2()
     peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=r".*h\.1\.mlp\.c_proj", fan_in_fan_out=True))
