@@ -1,0 +1,186 @@
+"""FSDP (torch ``fully_shard``) on two CPU gloo processes is the same training as one process.
+
+One torchrun launch of tests/fsdp_worker.py runs every case (a launch costs two cold transformers
+imports); the tests here compare what the ranks wrote with a single-process run of the same patched
+model on the same global batches, computed in this process with the worker's own functions. Because the
+reference is the patched model itself, any layer implementation `etf_hf.patch` picks is covered.
+
+Trainer / accelerate do not shard on CPU: `TrainingArguments(fsdp=True, use_cpu=True)` under torchrun
+wraps the model in DistributedDataParallel (accelerate enables FSDP only for multi-GPU/accelerator
+states) and says nothing about it; `test_trainer_fsdp_on_cpu_falls_back_to_ddp` pins that behaviour, so
+this file notices when it changes. GPU users get examples/accelerate_fsdp.yaml.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import etf_hf
+from etf_hf.memory import fsdp_rank_memory, frame_buffers, meta_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
+TIMEOUT_S = 300  # two cold transformers imports (~7 s each alone, far more on a busy machine) + 24 cases
+
+sys.path.insert(0, str(WORKER.parent))
+import fsdp_worker  # noqa: E402
+
+ETF_CASES = [f"{model}:{basis}:{storage}" for model in ("gpt2", "llama")
+             for basis in (*etf_hf.BASES, "frozen") for storage in ("compact", "dense")]
+#: The unpatched model and plain requires_grad=False FFN weights: the baselines of the memory table.
+BASELINE_CASES = [f"{model}:{basis}:compact" for model in ("gpt2", "llama") for basis in ("full", "frozen-ffn")]
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def torchrun(script: Path, *args: str, timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    try:
+        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{error.stdout}\n{error.stderr}")
+    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
+    outdir = tmp_path_factory.mktemp("fsdp")
+    torchrun(WORKER, str(outdir), *ETF_CASES, *BASELINE_CASES)
+    records = [torch.load(outdir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    for rank, record in enumerate(records):
+        assert (record["rank"], record["world_size"], record["backend"]) == (rank, 2, "gloo")
+    return outdir, records
+
+
+def reference(case: str) -> tuple[list[float], dict[str, torch.Tensor], torch.nn.Module]:
+    """The single-process run: same model, whole global batch per step."""
+    model = fsdp_worker.build_model(*case.split(":"))
+    losses = fsdp_worker.train_single(model, range(fsdp_worker.STEPS))
+    state = {name: tensor.detach() for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
+    return losses, state, model
+
+
+def assert_states_close(actual: dict, expected: dict, what: str, **tolerance) -> None:
+    assert actual.keys() == expected.keys(), f"{what}: different tensors {set(actual) ^ set(expected)}"
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, **tolerance, msg=lambda m, n=name: f"{what}, {n}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ETF_CASES + BASELINE_CASES)
+def test_sharded_training_equals_single_process(ranks, case):
+    """Per-step losses and final weights (gains, biases, every other parameter and buffer) of the 2-rank
+    ``fully_shard`` run equal the 1-process run on the same global batches, to 1e-5 in float32; the
+    trainable ETF tensors are sharded DTensors, the frames plain buffers that every rank built alike."""
+    _, records = ranks
+    first, second = (record["cases"][case] for record in records)
+    losses, state, model = reference(case)
+    torch.testing.assert_close(torch.tensor(first["losses"]), torch.tensor(losses), **TOL)
+    assert first["losses"] == second["losses"]
+    assert_states_close(first["state"], state, f"{case} after {fsdp_worker.STEPS} sharded steps", **TOL)
+    for name in first["state"]:
+        assert torch.equal(first["state"][name], second["state"][name]), f"gathered {name} differs between ranks"
+    if case in ETF_CASES:
+        assert any(name.endswith("frame_norm") for name in first["sharded_parameters"])
+        frames = dict(frame_buffers(model, named=True))
+        assert frames and first["frames"].keys() == frames.keys()
+        for name, frame in frames.items():
+            assert torch.equal(first["frames"][name], frame), f"rank 0 built {name} differently"
+            assert torch.equal(second["frames"][name], frame), f"rank 1 built {name} differently"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ETF_CASES)
+def test_full_state_dict_saved_from_rank_0_reloads_to_identical_logits(ranks, case):
+    """The full state dict gathered to rank 0 (``get_model_state_dict(full_state_dict=True)``) and written
+    with ``save_pretrained(dir, state_dict=...)`` loads with ``from_pretrained`` to the sharded model's
+    logits; compact storage leaves regenerable frames out, dense storage writes them; the checkpoint names
+    the ETF class, not torch's generated ``FSDP...`` subclass."""
+    outdir, records = ranks
+    record = records[0]["cases"][case]
+    folder = outdir / case.replace(":", "-") / "hf"
+    config = json.loads((folder / "config.json").read_text())
+    _, basis, storage = case.split(":")
+    class_name = {"gpt2": "ETFGPT2LMHeadModel", "llama": "ETFLlamaForCausalLM"}[case.split(":")[0]]
+    assert config["architectures"] == [class_name]
+    assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling_etf_hf.{class_name}"
+    assert f"\n{class_name} = etf_model_class(" in (folder / "modeling_etf_hf.py").read_text()
+
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        saved_frames = [key for key in weights.keys() if key.endswith(".frame")]
+    stored = storage == "dense" or basis in ("nearest", "frozen")
+    assert bool(saved_frames) == (stored and basis != "structured"), saved_frames
+    with torch.no_grad():
+        logits = reloaded(input_ids=fsdp_worker.global_batch(-1)).logits
+    torch.testing.assert_close(logits, record["logits"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ETF_CASES + BASELINE_CASES)
+def test_sharded_checkpoint_resume_equals_uninterrupted_run(ranks, case):
+    """A torch.distributed.checkpoint save (model + AdamW state) after `RESUME_AT` steps, loaded into a
+    freshly built and sharded model, finishes with the uninterrupted run's losses and weights; the frames
+    the fresh model regenerated (or loaded, when stored) are identical on both ranks and to the first run's."""
+    _, records = ranks
+    for record in records:
+        run = record["cases"][case]
+        torch.testing.assert_close(torch.tensor(run["resumed_losses"]),
+                                   torch.tensor(run["losses"][fsdp_worker.RESUME_AT:]), rtol=0, atol=1e-6)
+        assert_states_close(run["resumed_state"], run["state"], f"{case} resumed", rtol=0, atol=1e-6)
+        assert run["resumed_frames"].keys() == run["frames"].keys()
+        for name, frame in run["frames"].items():
+            assert torch.equal(run["resumed_frames"][name], frame), f"{name} came back different on rank {record['rank']}"
+    first, second = (record["cases"][case]["resumed_frames"] for record in records)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"the ranks regenerated {name} differently"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ETF_CASES + BASELINE_CASES)
+def test_counted_rank_memory_equals_measured(ranks, case):
+    """`fsdp_rank_memory` (counted from shapes) equals what rank 0 holds after a sharded step: its shard of
+    parameters, gradients and AdamW state, and the frames and other buffers it keeps whole; rank 1 holds
+    the same replicated buffers and at most rank 0's shard."""
+    _, records = ranks
+    counted = fsdp_rank_memory(fsdp_worker.build_model(*case.split(":")), world_size=2).as_dict()
+    first, second = (record["cases"][case]["memory"] for record in records)
+    assert {key: first[key] for key in counted if key != "total"} == {k: v for k, v in counted.items() if k != "total"}
+    assert second["frames"] == first["frames"] and second["other_buffers"] == first["other_buffers"]
+    assert all(second[key] <= first[key] for key in ("parameters", "gradients", "optimizer"))
+
+
+LLAMA_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+
+
+def test_llama_7b_at_8_ranks_dense_frames_are_replicated_structured_plans_are_small():
+    """Counted on the meta device (no memory): a Llama-7B-shaped model in bf16, sharded over 8 ranks. A dense
+    frame costs its full size on every rank at any world size (32 x 3 x 4096 x 11008 x 2 bytes = 8.66 GB),
+    more than the parameter shard it saves; the structured basis keeps only O(D) plan buffers (21.6 MB)."""
+    ffn_bytes = 32 * 3 * 4096 * 11008 * 2
+    full = fsdp_rank_memory(meta_model(LLAMA_7B), world_size=8)
+    assert full.frames == 0
+    counts = {}
+    for basis in ("orthogonal", "structured"):
+        model = etf_hf.patch(meta_model(LLAMA_7B), etf_hf.ETFConfig(layers="all", basis=basis))
+        counts[basis] = {world: fsdp_rank_memory(model, world_size=world) for world in (1, 8)}
+    orthogonal, structured = counts["orthogonal"], counts["structured"]
+    assert orthogonal[1].frames == orthogonal[8].frames == ffn_bytes  # replicated: no 1/8
+    assert structured[1].frames == structured[8].frames < ffn_bytes / 400
+    assert full.parameters - orthogonal[8].parameters == pytest.approx(ffn_bytes / 8, rel=1e-3)
+    assert orthogonal[8].total > full.total > structured[8].total
+
+
+def test_rank_memory_refuses_a_bad_world_size():
+    with pytest.raises(ValueError, match="world_size=0"):
+        fsdp_rank_memory(torch.nn.Linear(2, 2), world_size=0)
