@@ -48,7 +48,7 @@ def characters(size: int = 60_000) -> torch.Tensor:
     text = "".join(f"{rng.choice(['ROMEO', 'JULIET', 'KING'])}:\n" + " ".join(rng.choice(words, 8)) + ".\n\n"
                    for _ in range(size // 40 + 1))[:size]
     vocab = sorted(set(text))
-    return torch.tensor([vocab.index(char) for char in text]).view(-1, BLOCK)[: size // BLOCK]
+    return torch.tensor([vocab.index(char) for char in text[: size // BLOCK * BLOCK]]).view(-1, BLOCK)
 
 
 def local_bytes(tensor: torch.Tensor) -> int:

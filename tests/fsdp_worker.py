@@ -1,6 +1,7 @@
 """One rank of the two-process FSDP runs of tests/test_fsdp.py (CPU, gloo, torch ``fully_shard``).
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_worker.py OUTDIR CASE [CASE ...]
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_worker.py OUTDIR CASE [CASE ...] \
+        [--trainer-probe]
 
 A CASE is ``model:basis:storage`` (model ``gpt2`` or ``llama``; basis an ETF basis, a control, ``full``
 for the unpatched model or ``frozen-ffn`` for plain ``requires_grad=False`` FFN weights; storage
@@ -17,8 +18,10 @@ transformers imports. Per case, every rank:
    save, builds and shards a fresh model and optimizer, loads the checkpoint into them and finishes:
    the final state is recorded to compare with the uninterrupted run.
 
-Writes OUTDIR/rank{R}.pt: {case: record}. The single-process reference is computed by the test, with
-the same `build_model`, `global_batch` and `train_single`.
+With ``--trainer-probe`` it finally trains one step with ``Trainer(fsdp=True)`` (see `trainer_fsdp_probe`).
+
+Writes OUTDIR/rank{R}.pt: {"cases": {case: record}, "trainer_probe": ...}. The single-process reference
+is computed by the test, with the same `build_model`, `global_batch` and `train_single`.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -63,8 +67,8 @@ def build_model(model_name: str, basis: str, storage: str) -> PreTrainedModel:
                                              max_position_embeddings=LENGTH))
     else:
         raise ValueError(f"unknown model {model_name!r}")
-    selection = etf_hf.ETFConfig(layers="all", projections="both", basis="orthogonal" if basis in ("full", "frozen-ffn") else basis,
-                                 storage=storage)
+    etf_basis = "orthogonal" if basis in ("full", "frozen-ffn") else basis  # the baselines only select with it
+    selection = etf_hf.ETFConfig(layers="all", projections="both", basis=etf_basis, storage=storage)
     if basis == "frozen-ffn":
         for slot in find_slots(model, selection):
             getattr(slot.parent, slot.attribute).weight.requires_grad_(False)
@@ -204,16 +208,49 @@ def run_case(case: str, outdir: Path, mesh) -> dict:
     return record
 
 
+def trainer_fsdp_probe(outdir: Path) -> dict:
+    """What ``Trainer(fsdp=True)`` does on CPU in these processes: which wrapper it trains, whether it
+    reports FSDP enabled, and every log record that mentions FSDP (to show whether it says anything)."""
+    import logging
+
+    from transformers import Trainer, TrainingArguments
+
+    class Collect(logging.Handler):
+        records: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record.getMessage())
+
+    handler = Collect()
+    logging.getLogger().addHandler(handler)
+    for name in ("transformers", "accelerate"):
+        logging.getLogger(name).addHandler(handler)
+    model = build_model("gpt2", "orthogonal", "compact")
+    data = [{"input_ids": ids, "labels": ids} for ids in global_batch(0)]
+    args = TrainingArguments(output_dir=str(outdir / "trainer"), use_cpu=True, report_to="none", max_steps=1,
+                             per_device_train_batch_size=2, save_strategy="no", disable_tqdm=True,
+                             fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": True},
+                             ddp_find_unused_parameters=False)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    return {"is_fsdp_enabled": trainer.is_fsdp_enabled, "distributed_type": str(trainer.accelerator.distributed_type),
+            "wrapper": type(trainer.model_wrapped).__name__,
+            "fsdp_messages": [message for message in handler.records if "fsdp" in message.lower()]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("outdir", type=Path)
-    parser.add_argument("cases", nargs="+")
+    parser.add_argument("cases", nargs="*")
+    parser.add_argument("--trainer-probe", action="store_true", help="also run trainer_fsdp_probe, last")
     options = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     records = {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "backend": dist.get_backend(),
                "cases": {case: run_case(case, options.outdir, mesh) for case in options.cases}}
+    if options.trainer_probe:
+        records["trainer_probe"] = trainer_fsdp_probe(options.outdir)
     options.outdir.mkdir(parents=True, exist_ok=True)
     torch.save(records, options.outdir / f"rank{records['rank']}.pt")
     dist.barrier()
