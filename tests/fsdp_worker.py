@@ -3,10 +3,10 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_worker.py OUTDIR CASE [CASE ...] \
         [--trainer-probe]
 
-A CASE is ``model:basis:storage`` (model ``gpt2`` or ``llama``; basis an ETF basis, a control, ``full``
-for the unpatched model or ``frozen-ffn`` for plain ``requires_grad=False`` FFN weights; storage
-``compact`` or ``dense``). One launch runs every case given, because each launch costs two cold
-transformers imports. Per case, every rank:
+A CASE is ``model:basis:storage[:bf16]`` (model ``gpt2`` or ``llama``; basis an ETF basis, a control,
+``full`` for the unpatched model or ``frozen-ffn`` for plain ``requires_grad=False`` FFN weights; storage
+``compact`` or ``dense``; ``bf16``: mixed precision, training only). One launch runs every case given,
+because each launch costs two cold transformers imports. Per case, every rank:
 
 1. builds the same model (`build_model`), shards it with ``fully_shard`` per block and at the root, and
    trains `STEPS` AdamW steps, each rank on its half of the same global batch (`global_batch`);
@@ -36,7 +36,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's etf_hf, as launched from the tests
@@ -110,10 +110,14 @@ def train_single(model: PreTrainedModel, steps: range) -> list[float]:
     return losses
 
 
-def shard(model: PreTrainedModel, mesh) -> PreTrainedModel:
+def shard(model: PreTrainedModel, mesh, bf16: bool = False) -> PreTrainedModel:
+    """``fully_shard`` per block, then the root; with ``bf16`` the mixed precision accelerate's FSDP2 sets up
+    for ``mixed_precision: bf16`` (parameters all-gathered and computed in bf16, gradients reduced in fp32)."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    options = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
     for block in blocks(model):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, **options)
+    fully_shard(model, **options)
     return model
 
 
@@ -163,12 +167,12 @@ def own_frames(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run_case(case: str, outdir: Path, mesh) -> dict:
-    model_name, basis, storage = case.split(":")
+    model_name, basis, storage, *precision = case.split(":")
     rank = dist.get_rank()
     record: dict = {}
 
     # 1-2. uninterrupted training
-    model = shard(build_model(model_name, basis, storage), mesh)
+    model = shard(build_model(model_name, basis, storage), mesh, bf16=precision == ["bf16"])
     optimizer = make_optimizer(model)
     record["sharded_parameters"] = sorted(n for n, p in model.named_parameters() if hasattr(p, "full_tensor"))
     losses = []
@@ -176,6 +180,8 @@ def run_case(case: str, outdir: Path, mesh) -> dict:
         loss, memory = sharded_step(model, optimizer, step, measure=step == STEPS - 1)
         losses.append(loss)
     record.update(losses=losses, memory=memory, state=gathered_state(model), frames=own_frames(model))
+    if precision:  # mixed precision: training only
+        return record
 
     # 3. full state dict on rank 0 -> save_pretrained; logits of the sharded model to compare the reload with
     probe = global_batch(-1)

@@ -37,6 +37,8 @@ ETF_CASES = [f"{model}:{basis}:{storage}" for model in ("gpt2", "llama")
              for basis in (*etf_hf.BASES, "frozen") for storage in ("compact", "dense")]
 #: The unpatched model and plain requires_grad=False FFN weights: the baselines of the memory table.
 BASELINE_CASES = [f"{model}:{basis}:compact" for model in ("gpt2", "llama") for basis in ("full", "frozen-ffn")]
+#: bf16 mixed precision (what examples/accelerate_fsdp.yaml sets up on GPUs), training only.
+BF16_CASES = [f"{model}:{basis}:compact:bf16" for model in ("gpt2", "llama") for basis in ("orthogonal", "structured")]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
@@ -55,7 +57,7 @@ def torchrun(script: Path, *args: str, timeout: int = TIMEOUT_S) -> subprocess.C
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     outdir = tmp_path_factory.mktemp("fsdp")
-    torchrun(WORKER, str(outdir), *ETF_CASES, *BASELINE_CASES, "--trainer-probe")
+    torchrun(WORKER, str(outdir), *ETF_CASES, *BASELINE_CASES, *BF16_CASES, "--trainer-probe")
     records = [torch.load(outdir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     for rank, record in enumerate(records):
         assert (record["rank"], record["world_size"], record["backend"]) == (rank, 2, "gloo")
@@ -97,6 +99,23 @@ def test_sharded_training_equals_single_process(ranks, case):
         for name, frame in frames.items():
             assert torch.equal(first["frames"][name], frame), f"rank 0 built {name} differently"
             assert torch.equal(second["frames"][name], frame), f"rank 1 built {name} differently"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BF16_CASES)
+def test_bf16_mixed_precision_sharded_training_tracks_float32(ranks, case):
+    """With FSDP2's bf16 mixed precision (parameters gathered and computed in bf16, gradients reduced in
+    fp32), ETF layers train: the losses stay within 0.01 of the float32 single-process run, the ranks
+    agree, and the frames remain the float32 buffers every rank built (FSDP casts parameters, not buffers)."""
+    _, records = ranks
+    first, second = (record["cases"][case] for record in records)
+    losses, _, model = reference(case.removesuffix(":bf16"))
+    assert first["losses"] == second["losses"]
+    torch.testing.assert_close(torch.tensor(first["losses"]), torch.tensor(losses), rtol=0, atol=1e-2)
+    for name, frame in frame_buffers(model, named=True):
+        assert torch.equal(first["frames"][name], frame) and torch.equal(second["frames"][name], frame), name
+    for name in first["state"]:
+        assert torch.equal(first["state"][name], second["state"][name]), f"gathered {name} differs between ranks"
 
 
 @pytest.mark.slow
