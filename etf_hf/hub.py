@@ -56,8 +56,9 @@ def _library_source(own_modules: list[str]) -> str:
 
 def etf_class_name(model) -> str:
     """The name of ``model``'s ETF class (``ETFGPT2LMHeadModel``), also when a wrapper subclassed it:
-    torch's ``fully_shard`` swaps the class for a generated ``FSDP<name>`` subclass, which no loading
-    process can import, so checkpoint metadata must name the class that defines ``etf_vanilla_class``."""
+    torch's ``fully_shard`` swaps the class for a generated ``FSDP<name>`` subclass. Checkpoint metadata
+    (``auto_map``, the remote code, the card) must name the class that defines ``etf_vanilla_class``, as
+    transformers' ``config.architectures`` does, not a class that exists only in the training process."""
     return next(cls for cls in type(model).__mro__ if "etf_vanilla_class" in vars(cls)).__name__
 
 

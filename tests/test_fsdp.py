@@ -7,8 +7,8 @@ reference is the patched model itself, any layer implementation `etf_hf.patch` p
 
 Trainer / accelerate do not shard on CPU: `TrainingArguments(fsdp=True, use_cpu=True)` under torchrun
 wraps the model in DistributedDataParallel (accelerate enables FSDP only for multi-GPU/accelerator
-states) and says nothing about it; `test_trainer_fsdp_on_cpu_falls_back_to_ddp` pins that behaviour, so
-this file notices when it changes. GPU users get examples/accelerate_fsdp.yaml.
+states) and says nothing about it; `test_trainer_fsdp_on_cpu_falls_back_to_ddp_without_a_word` pins that
+behaviour, so this file notices when it changes. GPU users get examples/accelerate_fsdp.yaml.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from etf_hf.memory import fsdp_rank_memory, frame_buffers, meta_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
-TIMEOUT_S = 300  # two cold transformers imports (~7 s each alone, far more on a busy machine) + 24 cases
+TIMEOUT_S = 300  # two cold transformers imports (~7 s each alone, far more on a busy machine) + 28 cases
 
 sys.path.insert(0, str(WORKER.parent))
 import fsdp_worker  # noqa: E402
@@ -156,6 +156,35 @@ def test_full_state_dict_saved_from_rank_0_reloads_to_identical_logits(ranks, ca
     with torch.no_grad():
         logits = reloaded(input_ids=fsdp_worker.global_batch(-1)).logits
     torch.testing.assert_close(logits, record["logits"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_rank_0_checkpoints_load_without_etf_hf_through_remote_code(ranks, tmp_path):
+    """The rank-0 checkpoints of the structured GPT-2 and Llama load with ``trust_remote_code=True`` in a
+    process without etf_hf, to the sharded model's logits, as the ETF class the config's ``auto_map`` and
+    ``architectures`` name (not ``fully_shard``'s generated ``FSDP...`` subclass)."""
+    outdir, records = ranks
+    cases = ["gpt2:structured:compact", "llama:structured:compact"]
+    torch.save(fsdp_worker.global_batch(-1), tmp_path / "ids.pt")
+    folders = [str(outdir / case.replace(":", "-") / "hf") for case in cases]
+    code = f"""import sys; sys.modules['etf_hf'] = None
+import torch
+from transformers import AutoModelForCausalLM
+ids = torch.load({str(tmp_path / 'ids.pt')!r})
+out = []
+for folder in {folders!r}:
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert type(model).__name__ == model.config.architectures[0], (type(model).__name__, model.config.architectures)
+    with torch.no_grad():
+        out.append(model(input_ids=ids).logits)
+torch.save(out, {str(tmp_path / 'logits.pt')!r})
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for case, logits in zip(cases, torch.load(tmp_path / "logits.pt")):
+        torch.testing.assert_close(logits, records[0]["cases"][case]["logits"], rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
