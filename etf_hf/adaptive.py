@@ -266,7 +266,13 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
         if self._trainer is None:
             raise RuntimeError("AdaptiveETFCallback needs its trainer: use AdaptiveETFCallback(...).attach(trainer)")
         if self._trainer.is_deepspeed_enabled or self._trainer.is_fsdp_enabled:
-            raise NotImplementedError("AdaptiveETFCallback cannot swap sharded parameters (DeepSpeed, FSDP); use DDP")
+            sharding = "DeepSpeed" if self._trainer.is_deepspeed_enabled else "FSDP"
+            raise NotImplementedError(
+                f"AdaptiveETFCallback does not run under {sharding}: a lock replaces parameters, which {sharding} "
+                f"has sharded across ranks. Its multi-process path is DDP: remove {sharding} from TrainingArguments "
+                f"(and the accelerate config) and launch with torchrun --nproc_per_node N "
+                f"(examples/ddp_torchrun.py). "
+                f"To shard, fix the blocks before training with etf_hf.patch instead, which trains under FSDP.")
         if self.every == "eval" and args.eval_strategy == "no":
             raise ValueError("AdaptiveETFCallback(every='eval') needs evaluations: set eval_strategy, or use "
                              "every='epoch' or every=<steps>")

@@ -54,6 +54,14 @@ def _library_source(own_modules: list[str]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def etf_class_name(model) -> str:
+    """The name of ``model``'s ETF class (``ETFGPT2LMHeadModel``), also when a wrapper subclassed it:
+    torch's ``fully_shard`` swaps the class for a generated ``FSDP<name>`` subclass. Checkpoint metadata
+    (``auto_map``, the remote code, the card) must name the class that defines ``etf_vanilla_class``, as
+    transformers' ``config.architectures`` does, not a class that exists only in the training process."""
+    return next(cls for cls in type(model).__mro__ if "etf_vanilla_class" in vars(cls)).__name__
+
+
 def remote_code_source(model) -> str:
     """The remote-code module for ``model``'s class: the library, then the classes ``auto_map`` names.
 
@@ -76,7 +84,7 @@ def remote_code_source(model) -> str:
     footer += [
         "_SELF_CONTAINED = True",
         f"{type(model.config).__name__} = etf_config_class({vanilla_config.__name__})",
-        f"{type(model).__name__} = etf_model_class({vanilla_model.__name__})",
+        f"{etf_class_name(model)} = etf_model_class({vanilla_model.__name__})",
     ]
     return _library_source(own_modules) + "\n".join(footer) + "\n"
 
@@ -98,7 +106,7 @@ def auto_map(model) -> dict[str, str]:
     for auto_class in auto_classes():
         try:
             if auto_class._model_mapping[vanilla_config] is model.etf_vanilla_class:
-                entries[auto_class.__name__] = f"{module}.{type(model).__name__}"
+                entries[auto_class.__name__] = f"{module}.{etf_class_name(model)}"
         except (KeyError, ValueError):
             continue
     return entries
@@ -123,7 +131,7 @@ def model_card(model, base_model: str | None = None) -> str:
     metadata.append("---")
     share = 100 * summary["trainable"] / summary["total"]
     body = f"""{_CARD_MARKER}
-# {type(model).__name__}
+# {etf_class_name(model)}
 
 A `{model.etf_vanilla_class.__name__}` whose feed-forward projections are fixed **simplex equiangular tight
 frames** (ETFs), made with [etf_hf](https://arxiv.org/abs/2412.00884) ("Leveraging Intermediate Neural

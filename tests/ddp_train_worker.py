@@ -1,16 +1,14 @@
 """One rank of a two-process CPU (gloo) training run of a patched model, launched by tests/test_distributed.py.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_train_worker.py OUTDIR [--fsdp2]
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_train_worker.py OUTDIR
 
 Trains a patched tiny GPT-2 on character-level tiny shakespeare (or its synthetic stand-in), then writes
 ``OUTDIR/rank{R}.pt``: rank, world size, global step, how the model was wrapped, the first batch this
 rank saw, and every parameter and buffer (ETF frames included) after training, as full CPU tensors.
 The test compares the ranks' files.
 
-Default: the real transformers.Trainer with ``use_cpu=True`` (DDP over gloo).
-``--fsdp2``: torch's ``fully_shard`` (FSDP2) on a CPU device mesh with a plain AdamW loop. Trainer cannot do
-this: accelerate only turns a multi-*GPU* state into FSDP, so on CPU ``TrainingArguments(fsdp=...)`` is
-silently ignored and the model is wrapped in DDP.
+The real transformers.Trainer with ``use_cpu=True`` (DDP over gloo). Sharded training (torch's
+``fully_shard``) has its own worker, tests/fsdp_worker.py.
 """
 from __future__ import annotations
 
@@ -54,16 +52,9 @@ def build_model() -> tuple[torch.nn.Module, torch.utils.data.Dataset]:
 
 
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer as a full CPU tensor, non-persistent frames included.
-
-    Gathering a sharded DTensor is a collective: every rank walks the same names in the same order.
-    """
-    state = {}
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        state[name] = tensor.detach().cpu().clone()
-    return state
+    """Every parameter and buffer as a CPU tensor, non-persistent frames included."""
+    return {name: tensor.detach().cpu().clone()
+            for name, tensor in list(model.named_parameters()) + list(model.named_buffers())}
 
 
 def train_with_trainer(model, train, outdir: Path) -> dict:
@@ -86,49 +77,19 @@ def train_with_trainer(model, train, outdir: Path) -> dict:
     }
 
 
-def train_with_fsdp2(model, train) -> dict:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.1)
-    sampler = torch.utils.data.DistributedSampler(train, shuffle=True, seed=0)
-    loader = torch.utils.data.DataLoader(train, batch_size=BATCH, sampler=sampler)
-    model.train()
-    losses, first_batch = [], None
-    for step, batch in zip(range(STEPS), loader):
-        first_batch = batch["input_ids"].clone() if first_batch is None else first_batch
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return {"parallel_mode": "fsdp2", "distributed_type": "fully_shard", "wrapper": type(model).__name__,
-            "global_step": len(losses), "losses": losses, "first_batch": first_batch}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("outdir", type=Path)
-    parser.add_argument("--fsdp2", action="store_true")
     options = parser.parse_args()
     torch.set_num_threads(1)
 
     model, train = build_model()
-    if options.fsdp2:
-        dist.init_process_group("gloo")
-        result = train_with_fsdp2(model, train)
-    else:
-        result = train_with_trainer(model, train, options.outdir)
+    result = train_with_trainer(model, train, options.outdir)
 
     record = {
         "rank": int(os.environ["RANK"]),
         "world_size": dist.get_world_size(),
         "backend": dist.get_backend(),
-        "sharded_parameters": sorted(n for n, p in model.named_parameters() if hasattr(p, "full_tensor")),
         "state": full_state(model),
         **result,
     }
