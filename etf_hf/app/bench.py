@@ -1,4 +1,5 @@
-"""Benchmark harness: the cost of one training step per way of treating the feed-forward projections.
+"""Benchmark harness: the cost of one training step, and of inference, per way of treating the feed-forward
+projections.
 
 ``python -m etf_hf.app.bench --family gpt2 --size large --batch 2 --seq 512 --dtype bf16`` builds the model
 from a config (no downloads, random inputs) once per *mode*, and times one training step (forward,
@@ -13,16 +14,27 @@ backward, AdamW step, zero_grad) after warm-up:
                             ``nearest`` hold a dense frame; ``structured`` applies its frame matrix-free
 ``etf-structured-dense``    the structured frame materialised once into a dense buffer and applied like the
                             dense bases (separates "which frame" from "matrix-free vs one GEMM")
+``ffn-activation-only``     each FFN computes only its activation, on its up-projection's bias broadcast to
+                            the full hidden width (`BroadcastHidden`), and hands the first model-width units
+                            on (`LeadingUnits`): what every fixed-frame FFN still pays, frames aside
 ``ffn-free``                every FFN projection returns only its bias, broadcast to the output shape
-                            (`BiasOnly`): the lower bound, since no replacement layer can cost less
+                            (`BiasOnly`): no activation at all, the loosest bound
+``dense:KEY=VALUE[:...]``   ``full`` on the model built with config fields overridden (``dense:n_inner=512``,
+                            ``dense:n_layer=2``): dense baselines of other sizes, for iso-cost matching
 ==========================  ==================================================================================
 
-Every mode starts from the same seeded initial weights, and the projections of ``frozen``, the ETF modes
-and ``ffn-free`` are exactly the slots `etf_hf.architectures.find_slots` returns for the default
-`ETFConfig`. Per mode it reports trainable parameters (`etf_hf.parameter_summary`), the median step time,
-the peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set,
-see `MemoryMeter`), the size of the ``save_pretrained`` safetensors, and the ratios to ``full`` and to
-``ffn-free``. Output: a markdown table (stdout, ``--markdown``) and JSON (``--json``).
+``full``, ``frozen``, ``lora`` and the ETF modes are `etf_hf.app.treatments` modes, applied by the same
+`treatments.apply_mode` that ``etf-hf train`` uses; the rest are bench-only. Every mode starts from the same
+seeded initial weights, and the projections of ``frozen``, the ETF modes and the two bounds are exactly the
+slots `etf_hf.architectures.find_slots` returns for the default `ETFConfig`. Per mode it reports trainable
+parameters (`etf_hf.parameter_summary`), the median step time, tokens per second, the peak memory (CUDA:
+``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set, see `MemoryMeter`), the bytes
+autograd saves for backward (`saved_activation_bytes`, exact), the size of the ``save_pretrained``
+safetensors, and the ratios to ``full`` and to both bounds.
+
+``--inference`` times forward passes instead (no gradients) and, for GPT-2, ``generate()`` with the KV cache
+at each ``--gen-batches`` size; ``--profile FILE`` writes torch.profiler's top ops per mode. Output: a
+markdown table (stdout, ``--markdown``) and JSON (``--json``, the rows another tool reads).
 
 Timings are not asserted anywhere in the test suite: performance goals live in BENCHMARKS.md.
 """
@@ -32,6 +44,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import itertools
 import json
 import os
 import platform
@@ -42,6 +55,7 @@ import sys
 import tempfile
 import time
 import types
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -53,14 +67,24 @@ from ..architectures import Slot, find_slots
 from ..config import ETFConfig
 from ..etf import BASES
 from ..injection import etf_layers, parameter_summary
+from . import treatments
+from .recipe import ConfigError
 
 FAMILIES = ("gpt2", "bert", "vit")
 SIZES = ("tiny", "small", "large")
-FIXED_MODES = ("full", "frozen", "lora", "ffn-free")
-#: Every mode name the harness accepts, in the order tables list them.
-MODES = ("full", "frozen", "lora", *(f"etf-{basis}" for basis in BASES), "etf-structured-dense", "ffn-free")
-DEFAULT_MODES = ("full", "frozen", "lora", "etf-orthogonal", "etf-structured", "etf-canonical", "ffn-free")
-LORA_RANK = 8
+#: The two bounds: FFN replacements no fixed-frame FFN can undercut (on step time; see `BroadcastHidden`).
+ACTIVATION_ONLY, FFN_FREE = "ffn-activation-only", "ffn-free"
+#: ``dense:KEY=VALUE[:KEY=VALUE...]``: the full model with its config fields overridden.
+DENSE_PREFIX = "dense:"
+#: Every fixed mode name the harness accepts (``dense:...`` modes besides), in the order tables list them.
+MODES = ("full", "frozen", "lora", *(f"etf-{basis}" for basis in BASES), "etf-structured-dense", ACTIVATION_ONLY,
+         FFN_FREE)
+DEFAULT_MODES = ("full", "frozen", "lora", "etf-orthogonal", "etf-structured", "etf-canonical", ACTIVATION_ONLY,
+                 FFN_FREE)
+#: ``--inference`` without ``--modes``: training-only treatments (frozen, LoRA) compute what ``full`` does.
+INFERENCE_MODES = ("full", "etf-orthogonal", "etf-structured", ACTIVATION_ONLY, FFN_FREE)
+#: Families whose benchmark model can ``generate()`` (the others are classifiers).
+GENERATIVE = ("gpt2",)
 
 
 class BenchError(ValueError):
@@ -94,18 +118,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 #: PEFT target_modules (a regex, fullmatched against module paths) naming each family's attention
-#: projections; GPT-2's ``c_proj`` is deliberately absent (the MLP has one too).
+#: projections; GPT-2's ``c_proj`` is deliberately absent (the MLP has one too). `treatments.lora_settings`
+#: reads it for ``etf-hf train`` too.
 LORA_TARGETS = {
     "gpt2": r".*\.attn\.c_attn",
     "bert": r".*\.attention\.self\.(query|value)",
     "vit": r".*\.attention(\.attention)?\.(q_proj|v_proj|query|value)",  # 5.2x names, then older ones
 }
-#: Heads PEFT should keep trainable (a classifier starts random, so LoRA users train it).
-LORA_MODULES_TO_SAVE = {"gpt2": None, "bert": ["classifier"], "vit": ["classifier"]}
 
 
-def model_config(family: str, size: str) -> Any:
-    """The transformers config for ``family`` at ``size`` (a preset name or a JSON object of config kwargs)."""
+def model_config(family: str, size: str, overrides: dict[str, Any] | None = None, where: str = "--modes") -> Any:
+    """The transformers config for ``family`` at ``size`` (a preset name or a JSON object of config kwargs),
+    with ``overrides`` (a ``dense:`` mode's fields) on top."""
     if family not in FAMILIES:
         raise BenchError(f"unknown family {family!r}: choose one of {', '.join(FAMILIES)}")
     from transformers import BertConfig, GPT2Config, ViTConfig
@@ -121,7 +145,13 @@ def model_config(family: str, size: str) -> Any:
                              f"{config_class.__name__} kwargs, e.g. '{{\"n_layer\": 4}}'") from None
         if not isinstance(kwargs, dict):
             raise BenchError(f"--size JSON must be an object of {config_class.__name__} kwargs, got {size!r}")
-    return config_class(**kwargs)
+    config = config_class(**kwargs)
+    if not overrides:
+        return config
+    try:
+        return treatments.override_config(config, overrides, where)
+    except ConfigError as error:
+        raise BenchError(str(error)) from None
 
 
 def build_model(family: str, config: Any) -> nn.Module:
@@ -175,13 +205,15 @@ class BiasOnly(nn.Module):
 
     @classmethod
     def from_layer(cls, layer: nn.Module, layout: str) -> BiasOnly:
-        weight = layer.weight.t() if layout == "conv1d" else layer.weight
-        out_features, in_features = weight.shape
+        out_features, in_features = _weight_shape(layer, layout)
         return cls(in_features, out_features, getattr(layer, "bias", None))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _output_dtype(self, x: torch.Tensor) -> torch.dtype:
         device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._output_dtype(x)
         shape = (*x.shape[:-1], self.out_features)
         if self.bias is None:
             return x.new_zeros((), dtype=dtype).expand(shape)
@@ -191,24 +223,78 @@ class BiasOnly(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class BroadcastHidden(BiasOnly):
+    """``ffn-activation-only``'s up-projection: its bias broadcast to the full hidden width and *materialised*.
+
+    The FFN's own activation then runs on a real hidden-wide tensor and keeps what it needs for backward,
+    as in every FFN whose projections are fixed frames: the frames can be made cheap, the activation at
+    hidden width cannot. A layer without a bias gets a zero one, so that the activation has a trainable
+    input and autograd keeps its tensors. (A fused FFN that recomputes the activation in backward can save
+    less memory than this bound; it cannot spend less time.)
+    """
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, layout: str) -> BroadcastHidden:
+        out_features, in_features = _weight_shape(layer, layout)
+        bias = getattr(layer, "bias", None)
+        return cls(in_features, out_features, torch.zeros(out_features) if bias is None else bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).contiguous()
+
+
+class LeadingUnits(nn.Module):
+    """``ffn-activation-only``'s down-projection: the first ``out_features`` hidden units plus the bias.
+
+    A view and an add: the cheapest map from the hidden width back to the model width that still sends a
+    gradient through the activation (its backward runs at full hidden width, on a zero-padded gradient).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        if in_features < out_features:
+            raise BenchError(f"ffn-activation-only: a down-projection from {in_features} to {out_features} "
+                             f"features widens, so it cannot hand on the first {out_features} hidden units")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, layout: str) -> LeadingUnits:
+        out_features, in_features = _weight_shape(layer, layout)
+        return cls(in_features, out_features, getattr(layer, "bias", None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        units = x[..., : self.out_features]
+        return units if self.bias is None else units + self.bias.to(units.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _weight_shape(layer: nn.Module, layout: str) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear or of transformers' Conv1D, which stores (in, out)."""
+    weight = layer.weight.t() if layout == "conv1d" else layer.weight
+    return tuple(weight.shape)
+
+
 def ffn_slots(model: nn.Module) -> list[Slot]:
     """The FFN projections every mode treats: those `etf_hf.patch` replaces under the default `ETFConfig`."""
     return find_slots(model, ETFConfig())
 
 
-def make_ffn_free(model: nn.Module) -> list[Slot]:
-    """Replace every FFN projection of ``model`` by a `BiasOnly`, in place; returns the slots."""
+def replace_ffn(model: nn.Module, mode: str) -> list[Slot]:
+    """Replace every FFN projection of ``model`` in place by ``mode``'s bound (``ffn-free``:
+    `BiasOnly` everywhere; ``ffn-activation-only``: `BroadcastHidden` up, `LeadingUnits` down); returns the slots."""
     slots = ffn_slots(model)
     for slot in slots:
-        setattr(slot.parent, slot.attribute, BiasOnly.from_layer(getattr(slot.parent, slot.attribute), slot.layout))
-    return slots
-
-
-def freeze_ffn_weights(model: nn.Module) -> list[Slot]:
-    """``requires_grad=False`` on every FFN projection weight (biases stay trainable); returns the slots."""
-    slots = ffn_slots(model)
-    for slot in slots:
-        getattr(slot.parent, slot.attribute).weight.requires_grad_(False)
+        layer = getattr(slot.parent, slot.attribute)
+        if mode == FFN_FREE:
+            replacement = BiasOnly.from_layer(layer, slot.layout)
+        else:
+            kind = BroadcastHidden if slot.role == "up" else LeadingUnits
+            replacement = kind.from_layer(layer, slot.layout)
+        setattr(slot.parent, slot.attribute, replacement)
     return slots
 
 
@@ -234,45 +320,69 @@ def lora_available() -> bool:
     return True
 
 
+def treatment(mode: str, family: str) -> treatments.ModeSpec:
+    """The `etf_hf.app.treatments` mode behind a bench mode (``etf-structured-dense``: the structured ETF,
+    densified afterwards; ``full``, ``dense:`` and the bounds: no treatment)."""
+    if mode == "frozen":
+        default = ETFConfig()
+        return treatments.ModeSpec(mode, frozen={key: getattr(default, key) for key in treatments.SELECTION_KEYS})
+    if mode == "lora":
+        # the classifiers of BERT and ViT start random, so LoRA trains them, as `etf-hf train` does
+        return treatments.ModeSpec(mode, lora=treatments.lora_settings(family, has_labels=family not in GENERATIVE))
+    if mode.startswith("etf-"):
+        return treatments.ModeSpec(mode, etf=ETFConfig(basis=mode.removeprefix("etf-").removesuffix("-dense")))
+    return treatments.ModeSpec(mode)
+
+
 def apply_mode(model: nn.Module, mode: str, family: str) -> nn.Module:
     """Turn a fresh model into ``mode``'s model (may return a wrapper, for LoRA)."""
-    if mode == "full":
+    if mode in (FFN_FREE, ACTIVATION_ONLY):
+        replace_ffn(model, mode)
         return model
-    if mode == "frozen":
-        freeze_ffn_weights(model)
-        return model
-    if mode == "ffn-free":
-        make_ffn_free(model)
-        return model
-    if mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
-                            target_modules=LORA_TARGETS[family], modules_to_save=LORA_MODULES_TO_SAVE[family],
-                            fan_in_fan_out=family == "gpt2")  # GPT-2's Conv1D stores (in, out)
-        return get_peft_model(model, config)
-    if mode.startswith("etf-"):
-        from ..patch import patch
-
-        dense = mode.endswith("-dense")
-        basis = mode.removeprefix("etf-").removesuffix("-dense")
-        patch(model, ETFConfig(basis=basis))
-        if dense:
-            _densify_structured(model)
-        return model
-    raise BenchError(f"unknown mode {mode!r}")  # parse_modes rejects these first
+    model = treatments.apply_mode(model, treatment(mode, family))
+    if mode == "etf-structured-dense":
+        _densify_structured(model)
+    return model
 
 
-def parse_modes(text: str) -> list[str]:
+def dense_overrides(mode: str) -> dict[str, Any]:
+    """``dense:n_layer=2:n_inner=512`` -> ``{"n_layer": 2, "n_inner": 512}``. Values are read as JSON
+    (``512``, ``null``, ``true``) and otherwise kept as text (``activation_function=relu``)."""
+    overrides: dict[str, Any] = {}
+    for item in mode.removeprefix(DENSE_PREFIX).split(":"):
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if not equals or not key or not value:
+            raise BenchError(f"mode {mode!r}: {item!r} is not KEY=VALUE; write config fields like "
+                             f"dense:n_inner=512 or dense:n_layer=2:n_inner=1024")
+        if key in overrides:
+            raise BenchError(f"mode {mode!r} sets {key!r} twice")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def parse_modes(text: str, family: str = "gpt2", size: str = "tiny") -> list[str]:
+    """The modes of ``--modes``; ``dense:`` modes are checked against the family's config class (``size``'s)."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
     if not modes:
         raise BenchError("--modes is empty: give a comma-separated list, e.g. full,etf-structured,ffn-free")
     for mode in modes:
+        if mode.startswith(DENSE_PREFIX):
+            config = model_config(family, size, dense_overrides(mode), f"mode {mode!r}")  # unknown fields: named
+            try:
+                with torch.device("meta"):  # structure only: catches e.g. a width the heads do not divide
+                    build_model(family, config)
+            except (ValueError, TypeError) as error:
+                raise BenchError(f"mode {mode!r}: the {family} model cannot be built with these fields: {error}") from None
+            continue
         if mode not in MODES:
             hint = ""
             if mode.startswith("etf-") and mode.endswith("-dense"):
                 hint = " (only the structured basis has a matrix-free form, so only etf-structured-dense exists)"
-            raise BenchError(f"unknown mode {mode!r}{hint}: choose from {', '.join(MODES)}")
+            raise BenchError(f"unknown mode {mode!r}{hint}: choose from {', '.join(MODES)}, "
+                             f"or {DENSE_PREFIX}KEY=VALUE[:KEY=VALUE...] for a dense model with other config fields")
     duplicates = sorted({m for m in modes if modes.count(m) > 1})
     if duplicates:
         raise BenchError(f"--modes lists {', '.join(duplicates)} more than once")
@@ -390,12 +500,17 @@ class Settings:
     warmup: int
     dtype: str          # resolved: fp32 or bf16
     device: str
-    compile: bool
-    seed: int
-    lr: float
-    checkpoint: bool
-    profile: str | None
-    profile_steps: int
+    compile: bool = False
+    seed: int = 0
+    lr: float = 1e-4
+    checkpoint: bool = True
+    profile: bool = False         # torch.profiler tables per mode (``--profile FILE``)
+    profile_steps: int = 3
+    inference: bool = False       # forward passes and generate() instead of training steps
+    new_tokens: int = 128
+    prompt: int = 32
+    gen_batches: tuple[int, ...] = (1, 8)
+    gen_repeats: int = 3
 
 
 _PRIMED: set[tuple[str, str, str]] = set()
@@ -426,6 +541,62 @@ def prime_runtime(settings: Settings) -> None:
     _PRIMED.add(key)
 
 
+def build_mode(settings: Settings, mode: str, device: torch.device) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """A fresh model from the seeded initial weights, treated as ``mode``; its config; and the row's
+    parameter counts. ``trainable_pct`` is of the ``--size`` model's parameter count, for ``dense:`` modes too,
+    so that rows of different sizes compare."""
+    overrides = dense_overrides(mode) if mode.startswith(DENSE_PREFIX) else {}
+    config = model_config(settings.family, settings.size, overrides)
+    torch.manual_seed(settings.seed)
+    with torch.device(device):
+        base = build_model(settings.family, config)
+    base_total = sum(p.numel() for p in base.parameters())
+    reference_total = _parameter_count(settings) if overrides else base_total
+    model = apply_mode(base, mode, settings.family)
+    params = parameter_summary(model)
+    row: dict[str, Any] = {
+        "mode": mode,
+        "trainable": params["trainable"],
+        "total": params["total"],
+        "base_total": base_total,
+        "reference_total": reference_total,
+        "trainable_pct": 100.0 * params["trainable"] / reference_total,
+        "etf_fixed": params["etf_fixed"],
+    }
+    if overrides:
+        row["config_overrides"] = overrides
+    return model, config, row
+
+
+def _parameter_count(settings: Settings) -> int:
+    with torch.device("meta"):  # structure only, no memory
+        model = build_model(settings.family, model_config(settings.family, settings.size))
+    return sum(p.numel() for p in model.parameters())
+
+
+def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor], autocast: Callable[[], Any]) -> int:
+    """Bytes autograd keeps for backward after one eager forward of ``batch``, parameters and buffers not
+    counted: the activation memory of a training step, measured exactly rather than read off an allocator,
+    so it is the same on every machine and run. Only what the loss's graph still holds at the end of the
+    forward counts (each storage once): tensors saved by ops whose results nothing uses are freed with them."""
+    persistent = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    packed: list[weakref.ref] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        packed.append(weakref.ref(tensor))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast():
+        loss = model(**batch).loss
+    saved: dict[int, int] = {}
+    for reference in packed:
+        tensor = reference()
+        if tensor is not None and tensor.untyped_storage().data_ptr() not in persistent:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    del loss  # frees the graph and everything it saved
+    return sum(saved.values())
+
+
 def run_mode(settings: Settings, mode: str) -> dict[str, Any]:
     """Build a fresh model, apply ``mode``, train ``warmup + steps`` steps; return the mode's measurements."""
     device = torch.device(settings.device)
@@ -437,19 +608,14 @@ def run_mode(settings: Settings, mode: str) -> dict[str, Any]:
     meter = MemoryMeter(device)
     meter.before_build()
     started = time.perf_counter()
-    config = model_config(settings.family, settings.size)
-    torch.manual_seed(settings.seed)
-    with torch.device(device):
-        base = build_model(settings.family, config)
-    base_total = sum(p.numel() for p in base.parameters())
-    model = apply_mode(base, mode, settings.family)
+    model, config, row = build_mode(settings, mode, device)
     model.train()
-    params = parameter_summary(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr)
     batch = make_batch(settings.family, config, settings.batch, settings.seq, device, settings.seed)
     forward = torch.compile(model) if settings.compile else model
     autocast = autocast_context(device, settings.dtype)
+    saved = saved_activation_bytes(model, batch, autocast)
 
     def step() -> float:
         _synchronize(device)
@@ -467,44 +633,141 @@ def run_mode(settings: Settings, mode: str) -> dict[str, Any]:
     meter.reset_peak()  # steady state: compilation and one-off first-step buffers are not counted
     times = [step() for _ in range(settings.steps)]
     peak = meter.peak()
-    row: dict[str, Any] = {
-        "mode": mode,
-        "trainable": params["trainable"],
-        "total": params["total"],
-        "base_total": base_total,
-        "trainable_pct": 100.0 * params["trainable"] / base_total,
-        "etf_fixed": params["etf_fixed"],
-        "step_ms_median": 1000.0 * statistics.median(times),
+    median_s = statistics.median(times)
+    row.update({
+        "step_ms_median": 1000.0 * median_s,
         "step_ms_min": 1000.0 * min(times),
         "step_ms_mean": 1000.0 * statistics.fmean(times),
         "step_ms": [1000.0 * t for t in times],
         "warmup_ms": [1000.0 * t for t in warmup_s],
+        "tokens_per_s": settings.batch * tokens_per_example(settings.family, config, settings.seq) / median_s,
         "peak_memory_bytes": peak,
         "memory_kind": meter.kind,
+        "saved_activation_bytes": saved,
         "setup_s": setup_s,
-    }
-    if mode == settings.profile:
-        row["profile"] = profile_steps(step, device, settings.profile_steps)
+    })
+    if settings.profile:
+        row["profile"] = {f"{settings.profile_steps} training steps": profile_table(step, device,
+                                                                                  settings.profile_steps)}
     if settings.checkpoint:
         row["checkpoint_bytes"] = checkpoint_bytes(model)
         row["checkpoint_kind"] = "LoRA adapter only" if mode == "lora" else "save_pretrained"
-    del forward, model, base, optimizer, batch, trainable
+    del forward, model, optimizer, batch, trainable
     _release_host_memory()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
 
 
-def profile_steps(step: Callable[[], float], device: torch.device, steps: int) -> str:
-    """torch.profiler over ``steps`` more steps: the top 15 ops by self device (CUDA) or CPU time."""
+def run_inference_mode(settings: Settings, mode: str) -> dict[str, Any]:
+    """Build a fresh model, apply ``mode``, time ``warmup + steps`` forward passes without gradients and,
+    for generative families, `generation_speed` at each of ``gen_batches``; return the mode's measurements."""
+    device = torch.device(settings.device)
+    prime_runtime(settings)
+    if settings.compile:
+        torch._dynamo.reset()
+    meter = MemoryMeter(device)
+    meter.before_build()
+    started = time.perf_counter()
+    model, config, row = build_mode(settings, mode, device)
+    model.eval()
+    inputs = {key: value for key, value in
+              make_batch(settings.family, config, settings.batch, settings.seq, device, settings.seed).items()
+              if key != "labels"}
+    forward = torch.compile(model) if settings.compile else model
+    autocast = autocast_context(device, settings.dtype)
+
+    def forward_pass() -> float:
+        _synchronize(device)
+        begin = time.perf_counter()
+        with torch.inference_mode(), autocast():
+            forward(**inputs)
+        _synchronize(device)
+        return time.perf_counter() - begin
+
+    setup_s = time.perf_counter() - started
+    warmup_s = [forward_pass() for _ in range(settings.warmup)]
+    meter.reset_peak()
+    times = [forward_pass() for _ in range(settings.steps)]
+    peak = meter.peak()
+    median_s = statistics.median(times)
+    row.update({
+        "forward_ms_median": 1000.0 * median_s,
+        "forward_ms": [1000.0 * t for t in times],
+        "warmup_ms": [1000.0 * t for t in warmup_s],
+        "forward_tokens_per_s": settings.batch * tokens_per_example(settings.family, config, settings.seq) / median_s,
+        "forward_examples_per_s": settings.batch / median_s,
+        "peak_memory_bytes": peak,
+        "memory_kind": meter.kind,
+        "setup_s": setup_s,
+    })
+    generative = settings.family in GENERATIVE
+    row["generate"] = [generation_speed(model, config, settings, batch, device)
+                       for batch in settings.gen_batches] if generative else []
+    if settings.profile:
+        row["profile"] = {f"{settings.profile_steps} forward passes": profile_table(forward_pass, device,
+                                                                                  settings.profile_steps)}
+        if generative:
+            batch = settings.gen_batches[0]
+            label = f"generate(), batch {batch}, {settings.new_tokens} new tokens"
+            row["profile"][label] = profile_table(lambda: generation_time(model, config, settings, batch, device),
+                                                  device, 1)
+    del forward, model, inputs
+    _release_host_memory()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def generation_time(model: nn.Module, config: Any, settings: Settings, batch: int, device: torch.device) -> float:
+    """Seconds of one greedy ``generate()`` of ``new_tokens`` tokens after a random ``prompt``-token prompt,
+    KV cache on (always eager: ``--compile`` applies to the forward passes). ``min_new_tokens`` equals
+    ``max_new_tokens``, so an end-of-text token cannot stop it early and every mode generates as many tokens."""
+    generator = torch.Generator().manual_seed(settings.seed + batch)
+    ids = torch.randint(0, config.vocab_size, (batch, settings.prompt), generator=generator).to(device)
+    _synchronize(device)
+    begin = time.perf_counter()
+    with torch.inference_mode(), autocast_context(device, settings.dtype)():
+        output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.new_tokens,
+                                min_new_tokens=settings.new_tokens, do_sample=False, use_cache=True,
+                                pad_token_id=config.eos_token_id)
+    _synchronize(device)
+    elapsed = time.perf_counter() - begin
+    if tuple(output.shape) != (batch, settings.prompt + settings.new_tokens):
+        raise RuntimeError(f"generate() returned shape {tuple(output.shape)}, expected "
+                           f"{(batch, settings.prompt + settings.new_tokens)}")
+    return elapsed
+
+
+def generation_speed(model: nn.Module, config: Any, settings: Settings, batch: int,
+                     device: torch.device) -> dict[str, Any]:
+    """`generation_time` once untimed, then ``gen_repeats`` times: the median, as generated tokens per second."""
+    warmup = generation_time(model, config, settings, batch, device)
+    seconds = [generation_time(model, config, settings, batch, device) for _ in range(settings.gen_repeats)]
+    median_s = statistics.median(seconds)
+    return {"batch": batch, "prompt_tokens": settings.prompt, "new_tokens": settings.new_tokens,
+            "seconds": seconds, "warmup_seconds": warmup, "seconds_median": median_s,
+            "tokens_per_s": batch * settings.new_tokens / median_s, "ms_per_token": 1000.0 * median_s / settings.new_tokens}
+
+
+#: Rows of each torch.profiler table.
+PROFILE_ROWS = 20
+
+
+def profile_table(run: Callable[[], Any], device: torch.device, repeats: int) -> str:
+    """torch.profiler over ``repeats`` calls of ``run``: the top ops by self CUDA time (on CUDA) and by self
+    CPU time, as text tables."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
-        for _ in range(steps):
-            step()
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return profiler.key_averages().table(sort_by=sort_by, row_limit=15)
+        for _ in range(repeats):
+            run()
+    averages = profiler.key_averages()
+    orders = (("self CUDA time", "self_device_time_total"),) if device.type == "cuda" else ()
+    orders += (("self CPU time", "self_cpu_time_total"),)
+    return "\n".join(f"top {PROFILE_ROWS} ops by {title}:\n{averages.table(sort_by=key, row_limit=PROFILE_ROWS)}"
+                     for title, key in orders)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -529,7 +792,7 @@ def environment(settings: Settings, config: Any) -> dict[str, Any]:
     import transformers
 
     device = torch.device(settings.device)
-    return {
+    meta = {
         "device": device_name(device),
         "device_type": device.type,
         "torch": torch.__version__,
@@ -547,20 +810,42 @@ def environment(settings: Settings, config: Any) -> dict[str, Any]:
         "autocast": settings.dtype == "bf16",
         "compile": settings.compile,
         "seed": settings.seed,
-        "optimizer": f"AdamW(lr={settings.lr})",
+        "inference": settings.inference,
     }
+    if settings.inference:
+        meta.update({"new_tokens": settings.new_tokens, "prompt_tokens": settings.prompt,
+                     "gen_batches": list(settings.gen_batches), "gen_repeats": settings.gen_repeats,
+                     "generates": settings.family in GENERATIVE})
+    else:
+        meta["optimizer"] = f"AdamW(lr={settings.lr})"
+    return meta
+
+
+#: The rows every ratio is taken to, by the suffix of its key (``step_over_full``, ``memory_over_ffn_free``, ...).
+BASELINES = (("full", "full"), ("ffn_free", FFN_FREE), ("activation_only", ACTIVATION_ONLY))
+
+
+def _over(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Training rows: ``step_over_X`` and ``memory_over_X`` (X's multiple; lower is cheaper). Inference rows:
+    ``forward_speed_over_X`` and each generation's ``speed_over_X`` (tokens per second as a multiple of X's;
+    higher is faster). X is each of `BASELINES` present in ``rows``, else the ratio is None."""
     by_mode = {row["mode"]: row for row in rows}
-    full, bound = by_mode.get("full"), by_mode.get("ffn-free")
     for row in rows:
-        row["step_over_full"] = row["step_ms_median"] / full["step_ms_median"] if full else None
-        row["memory_over_full"] = (row["peak_memory_bytes"] / full["peak_memory_bytes"]
-                                   if full and full["peak_memory_bytes"] else None)
-        row["step_over_ffn_free"] = row["step_ms_median"] / bound["step_ms_median"] if bound else None
-        row["memory_over_ffn_free"] = (row["peak_memory_bytes"] / bound["peak_memory_bytes"]
-                                       if bound and bound["peak_memory_bytes"] else None)
+        for suffix, mode in BASELINES:
+            base = by_mode.get(mode, {})
+            if "step_ms_median" in row:
+                row[f"step_over_{suffix}"] = _over(row["step_ms_median"], base.get("step_ms_median"))
+                row[f"memory_over_{suffix}"] = _over(row["peak_memory_bytes"], base.get("peak_memory_bytes"))
+                continue
+            row[f"forward_speed_over_{suffix}"] = _over(row["forward_tokens_per_s"], base.get("forward_tokens_per_s"))
+            base_generations = {g["batch"]: g["tokens_per_s"] for g in base.get("generate", [])}
+            for generation in row.get("generate", []):
+                generation[f"speed_over_{suffix}"] = _over(generation["tokens_per_s"],
+                                                          base_generations.get(generation["batch"]))
 
 
 def _ratio(value: float | None) -> str:
@@ -569,60 +854,136 @@ def _ratio(value: float | None) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
-    settings = (f"{meta['family']} size={meta['size']}, batch {meta['batch']} × "
-                f"{meta['tokens_per_example']} tokens, {meta['dtype']}{' autocast' if meta['autocast'] else ''}, "
-                f"{'torch.compile' if meta['compile'] else 'eager'}, median of {meta['steps']} steps after "
-                f"{meta['warmup']} warm-up, {meta['optimizer']}, seed {meta['seed']}"
-                f"{', each mode in its own process' if meta.get('isolate') else ''}")
-    lines = [
-        f"**Device:** {meta['device']} · torch {meta['torch']} · transformers {meta['transformers']}",
-        "",
-        f"**Settings:** {settings}",
-        "",
-        "| mode | trainable | trainable % | median step ms | peak memory GiB | step / full | mem / full | "
-        "step / ffn-free | mem / ffn-free | ckpt MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in result["results"]:
-        ckpt = f"{row['checkpoint_bytes'] / 1e6:.2f}" if "checkpoint_bytes" in row else "–"
-        lines.append(
-            f"| {row['mode']} | {row['trainable']:,} | {row['trainable_pct']:.2f} | {row['step_ms_median']:.1f} | "
-            f"{row['peak_memory_bytes'] / 2**30:.3f} | {_ratio(row['step_over_full'])} | "
-            f"{_ratio(row['memory_over_full'])} | {_ratio(row['step_over_ffn_free'])} | "
-            f"{_ratio(row['memory_over_ffn_free'])} | {ckpt} |")
+    precision = f"{meta['dtype']}{' autocast' if meta['autocast'] else ''}"
+    compiled = "torch.compile" if meta["compile"] else "eager"
+    isolate = ", each mode in its own process" if meta.get("isolate") else ""
+    if meta.get("inference"):
+        settings = (f"{meta['family']} size={meta['size']}, inference: forward of batch {meta['batch']} × "
+                    f"{meta['tokens_per_example']} tokens, {precision}, {compiled}, median of {meta['steps']} "
+                    f"after {meta['warmup']} warm-up")
+        if meta.get("generates"):
+            settings += (f"; generate() (eager, KV cache, greedy): {meta['prompt_tokens']}-token prompt + "
+                         f"{meta['new_tokens']} new tokens, median of {meta['gen_repeats']} after 1 warm-up")
+        table = _inference_table(result["results"], meta)
+    else:
+        settings = (f"{meta['family']} size={meta['size']}, batch {meta['batch']} × {meta['tokens_per_example']} "
+                    f"tokens, {precision}, {compiled}, median of {meta['steps']} steps after {meta['warmup']} "
+                    f"warm-up, {meta['optimizer']}, seed {meta['seed']}")
+        table = _training_table(result["results"])
+    lines = [f"**Device:** {meta['device']} · torch {meta['torch']} · transformers {meta['transformers']}", "",
+             f"**Settings:** {settings}{isolate}", "", *table]
     kinds = sorted({row["memory_kind"] for row in result["results"]})
     notes = [f"peak memory: {', '.join(kinds)}" if kinds else "",
-             "trainable % is of the unmodified model's parameter count",
-             "ckpt: bytes of the *.safetensors save_pretrained writes (lora: the adapter only; ETF: compact "
-             "storage, regenerable frames not stored)"]
+             "trainable % is of the --size model's parameter count (dense:... modes too)"]
+    if meta.get("inference"):
+        notes.append("× X: tokens per second as a multiple of mode X's (higher is faster)")
+        if not meta.get("generates"):
+            notes.append(f"no generate(): the {meta['family']} benchmark model is a classifier")
+    else:
+        notes += ["X / Y: X as a multiple of mode Y's (lower is cheaper); act-only is ffn-activation-only",
+                  "saved MiB: bytes autograd keeps for backward after one eager forward, parameters and buffers "
+                  "excluded (exact, not timed)",
+                  "ckpt: bytes of the *.safetensors save_pretrained writes (lora: the adapter only; ETF: compact "
+                  "storage, regenerable frames not stored)"]
     notes += [f"skipped {skip['mode']}: {skip['reason']}" for skip in result.get("skipped", [])]
     lines += ["", *(f"- {note}" for note in notes if note)]
     return "\n".join(lines) + "\n"
+
+
+def _training_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| mode | trainable | trainable % | median step ms | tokens/s | peak memory GiB | saved MiB | "
+             "step / full | mem / full | step / ffn-free | mem / ffn-free | step / act-only | mem / act-only | "
+             "ckpt MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        ckpt = f"{row['checkpoint_bytes'] / 1e6:.2f}" if "checkpoint_bytes" in row else "–"
+        saved = f"{row['saved_activation_bytes'] / 2**20:.1f}" if "saved_activation_bytes" in row else "–"
+        ratios = " | ".join(_ratio(row.get(f"{kind}_over_{suffix}")) for suffix, _ in BASELINES
+                            for kind in ("step", "memory"))
+        lines.append(f"| {row['mode']} | {row['trainable']:,} | {row['trainable_pct']:.2f} | "
+                     f"{row['step_ms_median']:.1f} | {row['tokens_per_s']:,.0f} | "
+                     f"{row['peak_memory_bytes'] / 2**30:.3f} | {saved} | {ratios} | {ckpt} |")
+    return lines
+
+
+def _inference_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    batches = meta["gen_batches"] if meta.get("generates") else []
+    header = ["mode", "trainable", "forward ms", "forward tokens/s", "× full", "× ffn-free", "peak memory GiB"]
+    for batch in batches:
+        header += [f"generate b{batch} tokens/s", "× full", "× ffn-free"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for row in rows:
+        cells = [row["mode"], f"{row['trainable']:,}", f"{row['forward_ms_median']:.1f}",
+                 f"{row['forward_tokens_per_s']:,.0f}", _ratio(row.get("forward_speed_over_full")),
+                 _ratio(row.get("forward_speed_over_ffn_free")), f"{row['peak_memory_bytes'] / 2**30:.3f}"]
+        generations = {g["batch"]: g for g in row.get("generate", [])}
+        for batch in batches:
+            generation = generations.get(batch, {})
+            cells += [f"{generation['tokens_per_s']:,.1f}" if generation else "–",
+                      _ratio(generation.get("speed_over_full")), _ratio(generation.get("speed_over_ffn_free"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def profile_report(result: dict[str, Any]) -> str:
+    """The ``--profile`` file: each mode's torch.profiler tables under the run's settings line."""
+    meta = result["meta"]
+    sections = [f"# torch.profiler, {meta['family']} size={meta['size']}, batch {meta['batch']} × "
+                f"{meta['tokens_per_example']} tokens, {meta['dtype']}, "
+                f"{'torch.compile' if meta['compile'] else 'eager'}, on {meta['device']}\n"]
+    for row in result["results"]:
+        for label, table in row.get("profile", {}).items():
+            sections.append(f"## {row['mode']}: {label}\n\n```\n{table}\n```\n")
+    return "\n".join(sections)
 
 
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
 
+_EPILOG = """\
+modes:
+  full, frozen, lora, etf-<basis> (%(bases)s), etf-structured-dense: treatments of the same model
+  ffn-activation-only: each FFN computes only its activation at full hidden width (the tight bound)
+  ffn-free: each FFN projection returns only its bias (the loose bound)
+  dense:KEY=VALUE[:KEY=VALUE...]: the full model with config fields overridden, e.g. dense:n_inner=512,
+      dense:n_layer=2 (dense baselines of other sizes for iso-cost matching; an unknown field is an error)
+
+--json FILE writes {"meta": {...settings, device, versions}, "results": [row per mode], "skipped": [...]};
+a training row has mode, trainable, trainable_pct, step_ms_median, step_ms (every step), tokens_per_s,
+peak_memory_bytes, saved_activation_bytes, checkpoint_bytes, config_overrides (dense: modes) and the ratios
+step_over_X / memory_over_X for X in full, ffn_free, activation_only (None when X was not run). An --inference
+row has forward_ms_median, forward_tokens_per_s, peak_memory_bytes, forward_speed_over_X and generate: a list
+of {batch, new_tokens, seconds_median, tokens_per_s, speed_over_X}.
+"""
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog or "python -m etf_hf.app.bench",
         description="Time one training step (forward, backward, AdamW, zero_grad) of a model built from a config, "
                     "per way of treating its FFN projections, and report trainable parameters, median step time, "
-                    "peak memory, checkpoint size and ratios to full training and to the FFN-free bound.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--family", default="gpt2", help=f"model family: {', '.join(FAMILIES)}")
+                    "tokens/s, peak memory, saved activations, checkpoint size and ratios to full training and to "
+                    "the two FFN bounds; with --inference, forward and generate() throughput instead.",
+        epilog=_EPILOG % {"bases": ", ".join(BASES)},
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="gpt2", help=f"model family: {', '.join(FAMILIES)} (default gpt2)")
     parser.add_argument("--size", default="small",
-                        help=f"{', '.join(SIZES)} or a JSON object of the family's config kwargs")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=1024, help="tokens per example (ViT: set by image/patch size)")
-    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, from: {', '.join(MODES)}")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
+                        help=f"{', '.join(SIZES)} or a JSON object of the family's config kwargs (default small)")
+    parser.add_argument("--batch", type=int, default=8, help="examples per step or forward pass (default 8)")
+    parser.add_argument("--seq", type=int, default=1024,
+                        help="tokens per example (ViT: set by image/patch size) (default 1024)")
+    parser.add_argument("--modes", default=None,
+                        help=f"comma-separated (default {','.join(DEFAULT_MODES)}; with --inference "
+                             f"{','.join(INFERENCE_MODES)}); see 'modes' below")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (forward passes) per mode (default 20)")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed steps first: compilation, allocator (default 5)")
     parser.add_argument("--dtype", default="auto", help="fp32, bf16 (autocast; weights stay fp32) or auto "
-                        "(bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compile time falls in warm-up)")
+                        "(bf16 on CUDA, fp32 on CPU; the default)")
+    parser.add_argument("--device", default="auto", help="auto (the default), cpu, cuda or cuda:N")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (compile time falls in warm-up; generate() stays eager)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -630,23 +991,57 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="skip the save_pretrained size measurement")
     parser.add_argument("--isolate", action="store_true",
                         help="run each mode in a fresh subprocess (clean CPU peak memory, no allocator carry-over)")
-    parser.add_argument("--profile", metavar="MODE", default=None,
-                        help="also print torch.profiler's top 15 ops for MODE (one of --modes)")
-    parser.add_argument("--profile-steps", type=int, default=3, help="steps recorded by --profile")
-    parser.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
-    parser.add_argument("--markdown", metavar="PATH", default=None, help="write the markdown table")
-    parser.add_argument("--quiet", action="store_true", help="do not print the table")
+    inference = parser.add_argument_group("inference (--inference)")
+    inference.add_argument("--inference", action="store_true",
+                           help="time forward passes without gradients (tokens/s; ViT: images/s too) and, for gpt2, "
+                                "greedy generate() with the KV cache, instead of training steps")
+    inference.add_argument("--new-tokens", type=int, default=128,
+                           help="tokens each generate() produces (min_new_tokens too, so none stops early; "
+                                "default 128)")
+    inference.add_argument("--prompt", type=int, default=32, help="random prompt tokens before them (default 32)")
+    inference.add_argument("--gen-batches", default="1,8", help="comma-separated generate() batch sizes (default 1,8)")
+    inference.add_argument("--gen-repeats", type=int, default=3,
+                           help="timed generate() calls per batch size, after one untimed (default 3)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--profile", metavar="FILE", default=None,
+                        help="profile every mode (torch.profiler: top ops by self CUDA and CPU time) and write the "
+                             "tables to FILE; to profile one mode, run it alone")
+    output.add_argument("--profile-steps", type=int, default=3,
+                        help="steps (forward passes) recorded by --profile (default 3)")
+    output.add_argument("--json", metavar="FILE", default=None, help="write every row as JSON (schema below)")
+    output.add_argument("--markdown", metavar="FILE", default=None, help="write the markdown table")
+    output.add_argument("--quiet", action="store_true", help="do not print the table")
     return parser
+
+
+def _gen_batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise BenchError(f"--gen-batches {text!r} must be comma-separated positive integers, e.g. 1,8")
+    return batches
 
 
 def _settings(options: argparse.Namespace) -> tuple[Settings, list[str]]:
     if options.family not in FAMILIES:
         raise BenchError(f"unknown family {options.family!r}: choose one of {', '.join(FAMILIES)}")
-    modes = parse_modes(options.modes)
+    config = model_config(options.family, options.size)  # validates --size before any model is built
+    default_modes = INFERENCE_MODES if options.inference else DEFAULT_MODES
+    modes = parse_modes(options.modes or ",".join(default_modes), options.family, options.size)
     for name, value, least in (("--batch", options.batch, 1), ("--seq", options.seq, 1), ("--steps", options.steps, 1),
-                               ("--warmup", options.warmup, 0), ("--profile-steps", options.profile_steps, 1)):
+                               ("--warmup", options.warmup, 0), ("--profile-steps", options.profile_steps, 1),
+                               ("--new-tokens", options.new_tokens, 1), ("--prompt", options.prompt, 1),
+                               ("--gen-repeats", options.gen_repeats, 1)):
         if value < least:
             raise BenchError(f"{name} must be >= {least}, got {value}")
+    gen_batches = _gen_batches(options.gen_batches)
+    if options.inference and options.family in GENERATIVE:
+        length = options.prompt + options.new_tokens
+        if length > config.n_positions:
+            raise BenchError(f"--prompt {options.prompt} + --new-tokens {options.new_tokens} = {length} exceeds this "
+                             f"{options.family} config's {config.n_positions} positions")
     if options.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
@@ -661,17 +1056,21 @@ def _settings(options: argparse.Namespace) -> tuple[Settings, list[str]]:
         dtype = "bf16" if device.startswith("cuda") else "fp32"
     if dtype not in ("fp32", "bf16"):
         raise BenchError(f"unknown dtype {options.dtype!r}: choose fp32, bf16 or auto")
-    if options.profile is not None and options.profile not in modes:
-        raise BenchError(f"--profile {options.profile!r} is not one of --modes ({', '.join(modes)})")
+    if options.profile is not None and (options.profile in MODES or options.profile.startswith(DENSE_PREFIX)):
+        raise BenchError(f"--profile takes the FILE to write the tables to, not a mode ({options.profile!r}); every "
+                         f"mode run is profiled: to profile one, run it alone, e.g. --modes {options.profile} "
+                         f"--profile profile.md")
     if options.compile and options.warmup < 1:
         raise BenchError("--compile needs --warmup >= 1, or compilation would be timed")
-    model_config(options.family, options.size)  # validates --size before any model is built
     return Settings(options.family, options.size, options.batch, options.seq, options.steps, options.warmup, dtype,
-                    device, options.compile, options.seed, options.lr, options.checkpoint, options.profile,
-                    options.profile_steps), modes
+                    device, options.compile, options.seed, options.lr, options.checkpoint, options.profile is not None,
+                    options.profile_steps, options.inference, options.new_tokens, options.prompt, gen_batches,
+                    options.gen_repeats), modes
 
 
 def _child_command(settings: Settings, mode: str, json_path: str, threads: int | None) -> list[str]:
+    """The command line that measures ``mode`` alone in a fresh process (``--isolate``); its profile tables
+    come back in the JSON rows."""
     command = [sys.executable, "-m", "etf_hf.app.bench", "--family", settings.family, "--size", settings.size,
                "--batch", str(settings.batch), "--seq", str(settings.seq), "--modes", mode,
                "--steps", str(settings.steps), "--warmup", str(settings.warmup), "--dtype", settings.dtype,
@@ -683,8 +1082,12 @@ def _child_command(settings: Settings, mode: str, json_path: str, threads: int |
         command.append("--no-checkpoint")
     if threads is not None:
         command += ["--threads", str(threads)]
-    if settings.profile == mode:
-        command += ["--profile", mode, "--profile-steps", str(settings.profile_steps)]
+    if settings.profile:
+        command += ["--profile", os.devnull, "--profile-steps", str(settings.profile_steps)]
+    if settings.inference:
+        command += ["--inference", "--new-tokens", str(settings.new_tokens), "--prompt", str(settings.prompt),
+                    "--gen-batches", ",".join(map(str, settings.gen_batches)),
+                    "--gen-repeats", str(settings.gen_repeats)]
     return command
 
 
@@ -703,23 +1106,30 @@ def run_isolated(settings: Settings, mode: str, threads: int | None) -> dict[str
     return child["results"][0]
 
 
+def _summary(row: dict[str, Any]) -> str:
+    if "step_ms_median" in row:
+        return f"{row['step_ms_median']:.1f} ms/step, {row['peak_memory_bytes'] / 2**30:.3f} GiB"
+    generations = "".join(f", generate b{g['batch']} {g['tokens_per_s']:.1f} tokens/s" for g in row["generate"])
+    return f"forward {row['forward_ms_median']:.1f} ms{generations}"
+
+
 def run_benchmark(settings: Settings, modes: list[str], isolate: bool = False,
                   threads: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure every mode; returns ``{"meta": ..., "results": [row per mode], "skipped": [...]}``."""
     rows, skipped = [], []
+    measure = run_inference_mode if settings.inference else run_mode
     for mode in modes:
         if mode == "lora" and not lora_available():
             skipped.append({"mode": mode, "reason": "peft is not installed (pip install peft)"})
             continue
         if log:
             log(f"etf_hf.app.bench: {mode} ...")
-        row = run_isolated(settings, mode, threads) if isolate else run_mode(settings, mode)
+        row = run_isolated(settings, mode, threads) if isolate else measure(settings, mode)
         if "skipped" in row:
             skipped.append(row["skipped"])
             continue
         if log:
-            log(f"etf_hf.app.bench: {mode}: {row['step_ms_median']:.1f} ms/step, "
-                f"{row['peak_memory_bytes'] / 2**30:.3f} GiB")
+            log(f"etf_hf.app.bench: {mode}: {_summary(row)}")
         rows.append(row)
     add_ratios(rows)
     meta = environment(settings, model_config(settings.family, settings.size))
@@ -744,11 +1154,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         Path(options.json).write_text(json.dumps(result, indent=2) + "\n")
     if options.markdown:
         Path(options.markdown).write_text(table)
+    if options.profile:
+        Path(options.profile).write_text(profile_report(result))
     if not options.quiet:
         print(table)
-        for row in result["results"]:
-            if "profile" in row:
-                print(f"torch.profiler, mode {row['mode']}, {settings.profile_steps} steps:\n{row['profile']}")
+        if options.profile:
+            print(f"torch.profiler tables: {options.profile}")
     return 0
 
 

@@ -48,6 +48,8 @@ _MODE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 SELECTION_KEYS = ("layers", "projections", "target_modules")
 #: Heads a LoRA mode keeps trainable (a classifier starts random): BERT/ViT ``classifier``, GPT-2 ``score``.
 HEAD_NAMES = ("classifier", "score")
+#: LoRA's default rank (alpha is twice the rank), in `etf-hf train` and `etf-hf bench` alike.
+LORA_RANK = 8
 #: How many training examples NCC is measured on, by Adaptive-ETF (``probe_size`` changes it) and by
 #: ``etf: {layers: auto}`` placement: a seeded random subset, the same one at every check.
 PROBE_SIZE = 1000
@@ -159,12 +161,26 @@ def _validate_lora(settings: dict[str, Any], where: str, has_labels: bool, model
         raise ConfigError(f"{where} needs the optional peft package: pip install 'etf_hf[peft]' (or pip install peft)")
     from peft import LoraConfig
 
-    from .bench import LORA_RANK, LORA_TARGETS
-
     reject_unknown(settings, [f.name for f in dataclasses.fields(LoraConfig) if f.init], where,
                    "allowed keys are the fields of peft.LoraConfig")
+    lora = lora_settings(model_type, has_labels, settings, where)
+    try:
+        LoraConfig(**lora)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{where}: peft.LoraConfig rejected the settings: {error}") from None
+    return lora
+
+
+def lora_settings(model_type: str, has_labels: bool, settings: dict[str, Any] | None = None,
+                  where: str = "lora") -> dict[str, Any]:
+    """``settings`` (LoraConfig kwargs) over the defaults that `etf-hf train` and `etf-hf bench` share:
+    rank `LORA_RANK`, alpha 2r, no dropout, the model type's attention projections, and (``has_labels``)
+    the classifier heads trained, since they start random."""
+    from .bench import LORA_TARGETS  # per-architecture table; moves to the Architecture record
+
+    settings = settings or {}
     rank = expect_positive_int(settings.get("r", LORA_RANK), f"{where}.r")
-    defaults: dict[str, Any] = {"r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0}  # bench's LoRA setting
+    defaults: dict[str, Any] = {"r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0}
     model_type = model_type.removeprefix("etf_")  # a saved ETF checkpoint has its base type's attention
     if "target_modules" not in settings:
         if model_type not in LORA_TARGETS:
@@ -174,12 +190,7 @@ def _validate_lora(settings: dict[str, Any], where: str, has_labels: bool, model
         defaults["fan_in_fan_out"] = model_type == "gpt2"  # GPT-2's Conv1D stores (in, out)
     if has_labels:
         defaults["modules_to_save"] = list(HEAD_NAMES)  # peft skips the names a model does not have
-    lora = {**defaults, **settings}
-    try:
-        LoraConfig(**lora)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"{where}: peft.LoraConfig rejected the settings: {error}") from None
-    return lora
+    return {**defaults, **settings}
 
 
 def _validate_adaptive(settings: dict[str, Any], where: str, has_labels: bool, model_type: str,
@@ -271,6 +282,26 @@ def apply_mode(model: torch.nn.Module, mode: ModeSpec, **placement: Any) -> torc
         for parameter in _embeddings_to_freeze(model, f"mode {mode.name!r}: freeze_input_embeddings").parameters():
             parameter.requires_grad_(False)
     return model
+
+
+def override_config(config: Any, overrides: dict[str, Any], where: str) -> Any:
+    """A new transformers config: ``config`` with ``overrides`` (``{"n_inner": 512}``, ``{"n_layer": 2}``) set, for
+    dense baselines of another size. A key the config class does not define is refused, naming it: the model
+    would store it and silently ignore it."""
+    import difflib
+
+    from huggingface_hub.errors import StrictDataclassError  # transformers 5 configs validate field types
+
+    fields = set(config.to_dict()) | set(getattr(config, "attribute_map", {}))
+    for key in overrides:
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=3)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ConfigError(f"{where}: {type(config).__name__} has no field {key!r}{hint}")
+    try:
+        return type(config)(**{**config.to_diff_dict(), **overrides})
+    except (TypeError, ValueError, StrictDataclassError) as error:
+        raise ConfigError(f"{where}: {type(config).__name__} refused {overrides}: {error}") from None
 
 
 def input_embeddings(model: torch.nn.Module) -> torch.nn.Module | None:
