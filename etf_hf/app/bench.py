@@ -1113,10 +1113,17 @@ def _summary(row: dict[str, Any]) -> str:
     return f"forward {row['forward_ms_median']:.1f} ms{generations}"
 
 
-def run_benchmark(settings: Settings, modes: list[str], isolate: bool = False,
-                  threads: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure every mode; returns ``{"meta": ..., "results": [row per mode], "skipped": [...]}``."""
-    rows, skipped = [], []
+def run_benchmark(settings: Settings, modes: list[str], isolate: bool = False, threads: int | None = None,
+                  log: Callable[[str], None] | None = None,
+                  progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Measure every mode; returns ``{"meta": ..., "results": [row per mode], "skipped": [...]}``.
+    ``progress`` gets that result so far after each mode (`main` writes it out, so that a run stopped by a
+    time limit still leaves the modes it finished)."""
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    meta = environment(settings, model_config(settings.family, settings.size))
+    meta["isolate"] = isolate
+    result = {"meta": meta, "results": rows, "skipped": skipped}
     measure = run_inference_mode if settings.inference else run_mode
     for mode in modes:
         if mode == "lora" and not lora_available():
@@ -1131,10 +1138,22 @@ def run_benchmark(settings: Settings, modes: list[str], isolate: bool = False,
         if log:
             log(f"etf_hf.app.bench: {mode}: {_summary(row)}")
         rows.append(row)
-    add_ratios(rows)
-    meta = environment(settings, model_config(settings.family, settings.size))
-    meta["isolate"] = isolate
-    return {"meta": meta, "results": rows, "skipped": skipped}
+        add_ratios(rows)
+        if progress:
+            progress(result)
+    return result
+
+
+def write_outputs(result: dict[str, Any], options: argparse.Namespace) -> str:
+    """Write the ``--json``, ``--markdown`` and ``--profile`` files of ``result``; returns the markdown table."""
+    table = markdown(result)
+    if options.json:
+        Path(options.json).write_text(json.dumps(result, indent=2) + "\n")
+    if options.markdown:
+        Path(options.markdown).write_text(table)
+    if options.profile:
+        Path(options.profile).write_text(profile_report(result))
+    return table
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -1148,14 +1167,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     log = None if options.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    result = run_benchmark(settings, modes, isolate=options.isolate, threads=options.threads, log=log)
-    table = markdown(result)
-    if options.json:
-        Path(options.json).write_text(json.dumps(result, indent=2) + "\n")
-    if options.markdown:
-        Path(options.markdown).write_text(table)
-    if options.profile:
-        Path(options.profile).write_text(profile_report(result))
+    result = run_benchmark(settings, modes, isolate=options.isolate, threads=options.threads, log=log,
+                           progress=lambda partial: write_outputs(partial, options))
+    table = write_outputs(result, options)
     if not options.quiet:
         print(table)
         if options.profile:

@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how token features become one vector per example (default: by model type)")
     probe.add_argument("--threshold", type=float, default=0.9, help="NCC accuracy that defines the effective "
                        "depth (default 0.9)")
-    commands.add_parser("bench", add_help=False, help="time a training step per FFN treatment (full, frozen, LoRA, "
-                        "ETF bases, FFN-free bound); etf-hf bench --help for options")
+    commands.add_parser("bench", add_help=False, help="time a training step or inference per FFN treatment (full, "
+                        "frozen, LoRA, ETF bases, dense baselines, FFN bounds); etf-hf bench --help for options")
     return parser
 
 
