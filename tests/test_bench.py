@@ -17,9 +17,9 @@ from transformers.pytorch_utils import Conv1D
 
 from etf_hf import ETFConfig, patch
 from etf_hf.app import treatments
-from etf_hf.app.bench import (BiasOnly, BroadcastHidden, LeadingUnits, Settings, _child_command, _densify_structured,
-                              add_ratios, apply_mode, build_parser, lora_available, main, markdown, replace_ffn,
-                              run_benchmark, saved_activation_bytes, treatment)
+from etf_hf.app.bench import (Settings, _child_command, _densify_structured, add_ratios, apply_mode, build_parser,
+                              lora_available, main, markdown, run_benchmark, saved_activation_bytes, treatment)
+from etf_hf.app.bounds import BiasOnly, BroadcastHidden, LeadingUnits, replace_ffn
 from etf_hf.app.recipe import ConfigError
 from etf_hf.architectures import find_slots
 from tiny_models import tiny_gpt2, token_batch
@@ -237,6 +237,8 @@ def test_broadcast_hidden_and_leading_units():
         assert units(hidden(x)).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="widens"):
         LeadingUnits.from_layer(torch.nn.Linear(6, 24), "linear")
+    with pytest.raises(ValueError, match="unknown bound 'ffn-half'"):
+        replace_ffn(tiny_gpt2(), "ffn-half")
 
 
 def test_bias_only_returns_only_the_bias():

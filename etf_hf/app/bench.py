@@ -15,10 +15,10 @@ backward, AdamW step, zero_grad) after warm-up:
 ``etf-structured-dense``    the structured frame materialised once into a dense buffer and applied like the
                             dense bases (separates "which frame" from "matrix-free vs one GEMM")
 ``ffn-activation-only``     each FFN computes only its activation, on its up-projection's bias broadcast to
-                            the full hidden width (`BroadcastHidden`), and hands the first model-width units
-                            on (`LeadingUnits`): what every fixed-frame FFN still pays, frames aside
-``ffn-free``                every FFN projection returns only its bias, broadcast to the output shape
-                            (`BiasOnly`): no activation at all, the loosest bound
+                            the full hidden width, and hands the first model-width units on: what every
+                            fixed-frame FFN still pays, frames aside (`etf_hf.app.bounds`)
+``ffn-free``                every FFN projection returns only its bias, broadcast to the output shape: no
+                            activation at all, the loosest bound (`etf_hf.app.bounds`)
 ``dense:KEY=VALUE[:...]``   ``full`` on the model built with config fields overridden (``dense:n_inner=512``,
                             ``dense:n_layer=2``): dense baselines of other sizes, for iso-cost matching
 ==========================  ==================================================================================
@@ -63,17 +63,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..architectures import Slot, find_slots
 from ..config import ETFConfig
 from ..etf import BASES
 from ..injection import etf_layers, parameter_summary
 from . import treatments
+from .bounds import ACTIVATION_ONLY, BOUNDS, FFN_FREE, replace_ffn
 from .recipe import ConfigError
 
 FAMILIES = ("gpt2", "bert", "vit")
 SIZES = ("tiny", "small", "large")
-#: The two bounds: FFN replacements no fixed-frame FFN can undercut (on step time; see `BroadcastHidden`).
-ACTIVATION_ONLY, FFN_FREE = "ffn-activation-only", "ffn-free"
 #: ``dense:KEY=VALUE[:KEY=VALUE...]``: the full model with its config fields overridden.
 DENSE_PREFIX = "dense:"
 #: Every fixed mode name the harness accepts (``dense:...`` modes besides), in the order tables list them.
@@ -189,115 +187,6 @@ def make_batch(family: str, config: Any, batch: int, seq: int, device: torch.dev
 # Modes
 # --------------------------------------------------------------------------------------------------
 
-class BiasOnly(nn.Module):
-    """The FFN-free bound: a projection that ignores its input and returns its bias broadcast to
-    ``(*input.shape[:-1], out_features)`` (zeros when the layer had no bias).
-
-    The result is an expanded view (no copy). Under autocast it comes out in the autocast dtype, like a
-    real Linear would, so downstream ops run in the same precision as in the other modes.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-
-    @classmethod
-    def from_layer(cls, layer: nn.Module, layout: str) -> BiasOnly:
-        out_features, in_features = _weight_shape(layer, layout)
-        return cls(in_features, out_features, getattr(layer, "bias", None))
-
-    def _output_dtype(self, x: torch.Tensor) -> torch.dtype:
-        device_type = x.device.type
-        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self._output_dtype(x)
-        shape = (*x.shape[:-1], self.out_features)
-        if self.bias is None:
-            return x.new_zeros((), dtype=dtype).expand(shape)
-        return self.bias.to(dtype).expand(shape)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-class BroadcastHidden(BiasOnly):
-    """``ffn-activation-only``'s up-projection: its bias broadcast to the full hidden width and *materialised*.
-
-    The FFN's own activation then runs on a real hidden-wide tensor and keeps what it needs for backward,
-    as in every FFN whose projections are fixed frames: the frames can be made cheap, the activation at
-    hidden width cannot. A layer without a bias gets a zero one, so that the activation has a trainable
-    input and autograd keeps its tensors. (A fused FFN that recomputes the activation in backward can save
-    less memory than this bound; it cannot spend less time.)
-    """
-
-    @classmethod
-    def from_layer(cls, layer: nn.Module, layout: str) -> BroadcastHidden:
-        out_features, in_features = _weight_shape(layer, layout)
-        bias = getattr(layer, "bias", None)
-        return cls(in_features, out_features, torch.zeros(out_features) if bias is None else bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x).contiguous()
-
-
-class LeadingUnits(nn.Module):
-    """``ffn-activation-only``'s down-projection: the first ``out_features`` hidden units plus the bias.
-
-    A view and an add: the cheapest map from the hidden width back to the model width that still sends a
-    gradient through the activation (its backward runs at full hidden width, on a zero-padded gradient).
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        if in_features < out_features:
-            raise BenchError(f"ffn-activation-only: a down-projection from {in_features} to {out_features} "
-                             f"features widens, so it cannot hand on the first {out_features} hidden units")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-
-    @classmethod
-    def from_layer(cls, layer: nn.Module, layout: str) -> LeadingUnits:
-        out_features, in_features = _weight_shape(layer, layout)
-        return cls(in_features, out_features, getattr(layer, "bias", None))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        units = x[..., : self.out_features]
-        return units if self.bias is None else units + self.bias.to(units.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-def _weight_shape(layer: nn.Module, layout: str) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear or of transformers' Conv1D, which stores (in, out)."""
-    weight = layer.weight.t() if layout == "conv1d" else layer.weight
-    return tuple(weight.shape)
-
-
-def ffn_slots(model: nn.Module) -> list[Slot]:
-    """The FFN projections every mode treats: those `etf_hf.patch` replaces under the default `ETFConfig`."""
-    return find_slots(model, ETFConfig())
-
-
-def replace_ffn(model: nn.Module, mode: str) -> list[Slot]:
-    """Replace every FFN projection of ``model`` in place by ``mode``'s bound (``ffn-free``:
-    `BiasOnly` everywhere; ``ffn-activation-only``: `BroadcastHidden` up, `LeadingUnits` down); returns the slots."""
-    slots = ffn_slots(model)
-    for slot in slots:
-        layer = getattr(slot.parent, slot.attribute)
-        if mode == FFN_FREE:
-            replacement = BiasOnly.from_layer(layer, slot.layout)
-        else:
-            kind = BroadcastHidden if slot.role == "up" else LeadingUnits
-            replacement = kind.from_layer(layer, slot.layout)
-        setattr(slot.parent, slot.attribute, replacement)
-    return slots
-
-
 def _densify_structured(model: nn.Module) -> None:
     """Benchmark-only: give each structured ETF layer its materialised frame and the dense forward."""
     from ..layers import _FixedFrameLinear
@@ -336,7 +225,7 @@ def treatment(mode: str, family: str) -> treatments.ModeSpec:
 
 def apply_mode(model: nn.Module, mode: str, family: str) -> nn.Module:
     """Turn a fresh model into ``mode``'s model (may return a wrapper, for LoRA)."""
-    if mode in (FFN_FREE, ACTIVATION_ONLY):
+    if mode in BOUNDS:
         replace_ffn(model, mode)
         return model
     model = treatments.apply_mode(model, treatment(mode, family))
