@@ -13,7 +13,7 @@
 #   FOLDER defaults to $OUT (the device machine's output folder), else ./gpu_bench_out.
 #   --dry-run runs the same stages CPU-sized (tiny configs, fp32, no compile, modes in one process), to check
 #   the script without a GPU (tests/test_bench.py does).
-#   PYTHON picks the interpreter (default: python).
+#   PYTHON picks the interpreter (default: python, else python3).
 # Each stage has a wall-clock limit (timeout kills its whole process group), so the run ends in time even if a
 # stage hangs; summary.md then says which stage timed out. The bench rewrites its files after every mode, so
 # a stage that times out still leaves the modes it finished. A failed stage does not stop the next.
@@ -28,7 +28,7 @@ folder="${1:-${OUT:-gpu_bench_out}}"
 mkdir -p "$folder"
 folder="$(cd "$folder" && pwd)"  # absolute: the stages run from the repository root
 cd "$(dirname "$0")/.."
-python="${PYTHON:-python}"
+python="${PYTHON:-$(command -v python || command -v python3)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 training_modes=full,frozen,lora,etf-orthogonal,etf-structured,etf-structured-dense,ffn-activation-only,ffn-free

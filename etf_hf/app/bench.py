@@ -252,7 +252,7 @@ def dense_overrides(mode: str) -> dict[str, Any]:
     return overrides
 
 
-def parse_modes(text: str, family: str = "gpt2", size: str = "tiny") -> list[str]:
+def parse_modes(text: str, family: str, size: str) -> list[str]:
     """The modes of ``--modes``; ``dense:`` modes are checked against the family's config class (``size``'s)."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
     if not modes:
