@@ -22,6 +22,10 @@ initial weights, data order and `TrainingArguments`::
 An ``etf`` mode with ``layers: auto`` (or, on a pretrained model, with ``layers`` unset) has `etf_hf.patch`
 choose the blocks by nearest-class-mean accuracy on `PROBE_SIZE` random training examples.
 
+`etf-hf bench` times its ``full``, ``frozen``, ``lora`` and ``etf-<basis>`` modes through the same `ModeSpec`,
+`apply_mode` and `lora_settings`; its bench-only FFN bounds live in `etf_hf.app.bounds`, and its ``dense:``
+baselines of other sizes use `override_config`.
+
 ``frozen`` differs from ``etf: {basis: frozen}`` (the control): the control keeps the layer's weight as a
 fixed frame *with a trainable gain*, stored like an ETF layer; ``frozen`` is plain ``requires_grad=False``.
 LoRA needs the optional ``peft`` package (``pip install 'etf_hf[peft]'``). ``freeze_input_embeddings``
