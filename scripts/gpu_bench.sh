@@ -90,10 +90,10 @@ stage() {
     echo "   exit $status after ${elapsed}s"
 }
 
-stage gpt2-large-eager "${limits[0]}" --family gpt2 "${large[@]}" "${device[@]}" "${steps[@]}" "${isolate[@]}" \
+stage gpt2-large-eager "${limits[0]}" --family gpt2 "${large[@]}" "${device[@]}" "${steps[@]}" ${isolate[@]+"${isolate[@]}"} \
     --modes "$training_modes" --no-checkpoint --profile "$folder/gpt2-large-eager.profile.md" --profile-steps 3
-stage gpt2-small-compile "${limits[1]}" --family gpt2 "${small[@]}" "${device[@]}" "${steps[@]}" "${compile[@]}" \
-    "${isolate[@]}" --modes "$compiled_modes" --no-checkpoint
+stage gpt2-small-compile "${limits[1]}" --family gpt2 "${small[@]}" "${device[@]}" "${steps[@]}" ${compile[@]+"${compile[@]}"} \
+    ${isolate[@]+"${isolate[@]}"} --modes "$compiled_modes" --no-checkpoint
 stage gpt2-small-inference "${limits[2]}" --family gpt2 "${small[@]}" "${device[@]}" "${steps[@]}" \
     --inference "${generate[@]}" --modes "$inference_modes"
 
