@@ -12,7 +12,7 @@ from .models import CollapseMLPConfig, MLPForImageClassification, register_auto_
 from .injection import etf_layers, parameter_summary
 from .head import DotRegressionLoss, ETFClassifier, dot_regression_loss
 from .placement import Placement, suggest_layers
-from .patch import lock_blocks, materialize, patch, print_trainable_parameters
+from .patch import lock_blocks, materialize, patch, print_trainable_parameters, resolve
 from .collapse import CollapseReport, collapse_report, plot_collapse
 from .trainer_metrics import CollapseMetrics
 from .adaptive import AdaptiveETFCallback
@@ -26,5 +26,5 @@ __all__ = [
     "AdaptiveETFCallback", "BASES", "CONTROL_BASES", "CollapseMLPConfig", "CollapseMetrics", "CollapseReport", "DotRegressionLoss", "ETFClassifier",
     "ETFConfig", "ETFLinear", "FORMAT_VERSION", "MLPForImageClassification", "Placement", "collapse_report",
     "dot_regression_loss", "etf_layers", "lock_blocks", "materialize", "parameter_summary", "patch", "plot_collapse",
-    "print_trainable_parameters", "register_model_type", "simplex_etf", "suggest_layers",
+    "print_trainable_parameters", "register_model_type", "resolve", "simplex_etf", "suggest_layers",
 ]

@@ -31,14 +31,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import default_data_collator
 
+from .architectures import model_architecture
 from .metrics import CollapseStatistics, NearestClassMeanAccuracy, ReduceFn
 
-#: Pooling used by ``pooling="auto"``, by base model type (``etf_`` prefix removed); others use "mean".
-AUTO_POOLING: dict[str, str] = {
-    "bert": "cls", "roberta": "cls", "vit": "cls",
-    "gpt2": "last", "llama": "last",
-    "collapse_mlp": "flat",
-}
 POOLINGS = ("auto", "cls", "last", "mean", "flat")
 
 
@@ -85,8 +80,8 @@ def resolve_pooling(model: nn.Module, pooling: str) -> str:
         raise ValueError(f"pooling={pooling!r}: choose one of {', '.join(POOLINGS)}")
     if pooling != "auto":
         return pooling
-    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
-    return AUTO_POOLING.get(model_type.removeprefix("etf_"), "mean")
+    architecture = model_architecture(model)
+    return architecture.pooling if architecture is not None else "mean"
 
 
 def pool(hidden: torch.Tensor, pooling: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -40,6 +40,10 @@ class ETFConfig:
         `etf_hf.placement`; why: fixing every FFN of a pretrained model cost 7-9 points
         in the pre-study, the last half < 1). ``[]`` fixes no FFN block (only with ``head=True``).
         `patch` writes the resolved list into ``config.etf``, so a checkpoint never depends on the data.
+        On a model of several stacks (T5, BART, Whisper: ``encoder`` / ``decoder``; CLIP: ``text`` /
+        ``vision``) a plain value applies to each stack, and a mapping addresses them one by one:
+        ``{"encoder": "last:2", "decoder": "all"}`` (a stack left out gets no ETF layer). `patch` then
+        records one list per stack.
     projections: ``"up"`` (d -> 4d), ``"down"`` (4d -> d) or ``"both"``. Gated MLPs count gate and up
         projections as ``"up"``.
     basis: ``"orthogonal"`` (seeded random frame, the default: every hidden unit sees the input),
@@ -70,7 +74,7 @@ class ETFConfig:
         depth. A record only: it takes no part in comparing configs, nor in their repr (see config.etf).
     """
 
-    layers: str | list[int] | None = None
+    layers: str | list[int] | dict[str, str | list[int]] | None = None
     projections: str = "both"
     basis: str = "orthogonal"
     seed: int = 0
@@ -89,27 +93,17 @@ class ETFConfig:
     def _validate(self) -> None:
         if not isinstance(self.head, bool):
             raise ValueError(f"ETFConfig.head={self.head!r}: must be true or false")
-        if self.layers is None:  # the default: resolved by etf_hf.patch
-            pass
-        elif isinstance(self.layers, str):
-            if self.layers not in ("all", "auto") and not _LAST_N.fullmatch(self.layers):
-                raise ValueError(f"ETFConfig.layers={self.layers!r}: use 'all', 'auto', 'last:N', a list of block "
-                                 f"indices, or leave it unset for the default")
-            match = _LAST_N.fullmatch(self.layers)
-            if match and int(match.group(1)) < 1:
-                raise ValueError("ETFConfig.layers='last:0' selects nothing: use 'last:N' with N >= 1")
-        elif isinstance(self.layers, (list, tuple)):
-            if not self.layers and not self.head:
-                raise ValueError("ETFConfig.layers=[] fixes no FFN block: that only makes sense with head=True "
-                                 "(a fixed classifier alone); otherwise list block indices or use 'all'/'last:N'")
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
-                raise ValueError(f"ETFConfig.layers={self.layers!r}: a list of layers must hold block indices (ints)")
-            if any(i < 0 for i in self.layers):
-                raise ValueError(f"ETFConfig.layers={self.layers!r}: block indices are 0-based and non-negative")
-            self.layers = sorted(set(self.layers))
+        if isinstance(self.layers, dict):
+            if not self.layers or not all(isinstance(stack, str) and stack for stack in self.layers):
+                raise ValueError(f"ETFConfig.layers={self.layers!r}: per-stack layers map stack names (e.g. 'encoder', "
+                                 f"'decoder') to 'all', 'last:N' or [i, ...]")
+            self.layers = {stack: self._checked_layers(value, f"ETFConfig.layers[{stack!r}]", per_stack=True)
+                           for stack, value in self.layers.items()}
+            if not any(self.layers.values()) and not self.head:
+                raise ValueError(f"ETFConfig.layers={self.layers!r} fixes no FFN block: that only makes sense with "
+                                 f"head=True; list block indices or use 'all'/'last:N' for some stack")
         else:
-            raise ValueError(f"ETFConfig.layers must be 'all', 'auto', 'last:N', a list of ints or None, "
-                             f"got {type(self.layers).__name__}")
+            self.layers = self._checked_layers(self.layers, "ETFConfig.layers", per_stack=False)
         if self.projections not in PROJECTIONS:
             raise ValueError(f"ETFConfig.projections={self.projections!r}: choose one of {', '.join(PROJECTIONS)}")
         if self.basis not in BASES + CONTROL_BASES:
@@ -168,6 +162,34 @@ class ETFConfig:
         if problem:
             raise ValueError(f"ETFConfig.gain={self.gain!r} {problem}: use 'match' (the replaced weight's norm) or a "
                              f"finite positive number such as 1.0")
+
+    def _checked_layers(self, layers: Any, where: str, per_stack: bool) -> Any:
+        """One ``layers`` value validated (a list sorted, duplicates dropped); ``per_stack``: a stack's value
+        in a mapping, which is always explicit (no default, no ``"auto"``)."""
+        if layers is None and not per_stack:  # the default: resolved by etf_hf.patch
+            return None
+        if isinstance(layers, str):
+            choices = ("all",) if per_stack else ("all", "auto")
+            if layers not in choices and not _LAST_N.fullmatch(layers):
+                extra = "" if per_stack else (", 'auto', a mapping of stack -> layers (encoder-decoder models), "
+                                              "or leave it unset for the default")
+                raise ValueError(f"{where}={layers!r}: use 'all', 'last:N', a list of block indices{extra}")
+            match = _LAST_N.fullmatch(layers)
+            if match and int(match.group(1)) < 1:
+                raise ValueError(f"{where}='last:0' selects nothing: use 'last:N' with N >= 1")
+            return layers
+        if isinstance(layers, (list, tuple)):
+            if not layers and not self.head and not per_stack:
+                raise ValueError(f"{where}=[] fixes no FFN block: that only makes sense with head=True "
+                                 "(a fixed classifier alone); otherwise list block indices or use 'all'/'last:N'")
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise ValueError(f"{where}={layers!r}: a list of layers must hold block indices (ints)")
+            if any(i < 0 for i in layers):
+                raise ValueError(f"{where}={layers!r}: block indices are 0-based and non-negative")
+            return sorted(set(layers))
+        allowed = "'all', 'last:N' or a list of ints" if per_stack else \
+            "'all', 'auto', 'last:N', a list of ints, a mapping of stack -> layers, or None"
+        raise ValueError(f"{where} must be {allowed}, got {type(layers).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form written to `model.config.etf`."""

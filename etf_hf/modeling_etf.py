@@ -18,7 +18,7 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from .architectures import REGISTRY
+from .architectures import REGISTRY, model_stacks
 from .config import ETFConfig
 from .hub import auto_classes, auto_map, write_hub_files
 from .injection import apply_etf_layers, etf_layers, frame_is_stored, store_frames
@@ -51,6 +51,19 @@ def etf_config_class(vanilla: type[PretrainedConfig]) -> type[PretrainedConfig]:
     return _CONFIG_CLASSES[vanilla]
 
 
+def _refuse_shared_stack_layers(model: PreTrainedModel, etf: ETFConfig) -> None:
+    """A recorded config lists a model of several stacks' blocks per stack (`etf_hf.patch` writes it so);
+    one list for all stacks was written by a release that gave block i of every stack the same frame,
+    which this release cannot regenerate: refused rather than loaded with other frames."""
+    if not isinstance(etf.layers, list) or not etf.layers or not model_stacks(model, etf).named:
+        return
+    raise ValueError(
+        f"config.etf of this {type(model).__name__} lists layers={etf.layers} for all its stacks at once: it was "
+        f"written by an etf_hf release that gave block i of the encoder and of the decoder the same frame, which "
+        f"this release (one frame per stack) cannot rebuild. Load it with the etf_hf release that wrote it and "
+        f"call etf_hf.materialize(model) before saving, or patch the vanilla model again")
+
+
 class ETFModelMixin:
     """Behaviour shared by every generated ETF model class.
 
@@ -70,6 +83,7 @@ class ETFModelMixin:
             )
         etf = ETFConfig.from_dict(config.etf)
         config.etf = etf.to_dict()  # an older format version is held (and saved) as this version's dict
+        _refuse_shared_stack_layers(self, etf)
         apply_etf_layers(self, etf)
 
     @classmethod
@@ -159,8 +173,8 @@ def register_model_type(model_type: str) -> None:
             vanilla_model = auto_class._model_mapping[vanilla_config]
         except (KeyError, ValueError):
             continue
-        if isinstance(vanilla_model, (tuple, list)):
-            continue
+        if isinstance(vanilla_model, (tuple, list)) or vanilla_model.config_class is not vanilla_config:
+            continue  # a model of another architecture reusing this config (qwen2 -> Jev): not ours to register
         auto_class.register(config_class, etf_model_class(vanilla_model), exist_ok=True)
 
 

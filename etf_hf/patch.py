@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import HEAD_ATTRIBUTES, Slot, find_head, find_slots
+from .architectures import find_head, find_slots, head_names, model_stacks
 from .config import LAYER_CHOICES, ETFConfig
 from .controls import CONTROL_BASES
 from .injection import apply_etf_layers, parameter_summary
@@ -40,17 +40,21 @@ def _with_head_basis(config: ETFConfig) -> ETFConfig:
     return config
 
 
-def _resolved(config: ETFConfig, slots: list[Slot]) -> ETFConfig:
-    """The config with ``layers`` (FFN blocks; the head's slot does not count) and ``head_basis`` spelled
-    out, so the checkpoint does not depend on how they were chosen.
+def _recorded_layers(model: PreTrainedModel, config: ETFConfig) -> ETFConfig:
+    """``config`` with ``layers`` spelled out as the blocks whose projections it selects: a list, or on a
+    model of several stacks one list per stack (every stack named, ``[]`` where none is fixed), so the
+    checkpoint records exactly what was patched, whatever the request looked like.
 
     ``layers`` is left as given when target_modules matched modules outside numbered blocks (block -1).
     """
-    config = _with_head_basis(config)
-    blocks = [s for s in slots if s.role != "head"]
-    if any(s.block < 0 for s in blocks):
+    slots = find_slots(model, config)
+    if any(s.block < 0 for s in slots):
         return config
-    return dataclasses.replace(config, layers=sorted({s.block for s in blocks}))
+    stacks = model_stacks(model, config)
+    if not stacks.named:
+        return dataclasses.replace(config, layers=sorted({s.block for s in slots}))
+    return dataclasses.replace(config, layers={stack: sorted({s.block for s in slots if s.stack == stack})
+                                               for stack in stacks.containers})
 
 
 def _placed(model: PreTrainedModel, config: ETFConfig, data: Any, probe_options: dict[str, Any]) -> ETFConfig:
@@ -89,7 +93,7 @@ def _check_targets(model: PreTrainedModel, config: ETFConfig, head: bool) -> Non
     adapter saved); a numeric gain beyond the projection's dtype would become inf in the gain tensor.
     """
     targets = [(slot.name, getattr(slot.parent, slot.attribute)) for slot in find_slots(model, config)]
-    heads = [name for name in HEAD_ATTRIBUTES if isinstance(getattr(model, name, None), nn.Module)]
+    heads = [name for name in head_names(model) if isinstance(getattr(model, name, None), nn.Module)]
     if head and heads:  # the head module and what it holds (RoBERTa's out_proj), before find_head looks inside
         head_modules = getattr(model, heads[0]).named_modules()
         targets += [(f"{heads[0]}.{path}".rstrip("."), module) for path, module in head_modules]
@@ -108,6 +112,19 @@ def _check_targets(model: PreTrainedModel, config: ETFConfig, head: bool) -> Non
             if config.gain > largest:
                 raise ValueError(f"ETFConfig.gain={config.gain!r} does not fit in {weight.dtype}, the dtype of {path} "
                                  f"(largest {largest:.6g}): use 'match' (the replaced weight's norm) or a smaller gain")
+
+
+def resolve(model: PreTrainedModel, config: ETFConfig | None = None, data: Any = None,
+            **probe_options: Any) -> ETFConfig:
+    """The config `patch` applies and records: ``config`` + ``model`` (+ ``data``) with every choice made.
+
+    ``layers`` becomes the blocks actually patched (a list, or one list per stack; the default and
+    ``"auto"`` decided as `etf_hf.placement` says, the decision kept in ``placement``) and ``head_basis``
+    is spelled out. `patch`, `lock_blocks`, ``save_pretrained`` and loading all work from this one
+    object, so a checkpoint never depends on data, defaults or how the blocks were named.
+    """
+    config = config if config is not None else ETFConfig()
+    return _recorded_layers(model, _with_head_basis(_placed(model, config, data, probe_options)))
 
 
 def patch(model: PreTrainedModel, config: ETFConfig | None = None, data: Any = None,
@@ -139,21 +156,21 @@ def patch(model: PreTrainedModel, config: ETFConfig | None = None, data: Any = N
         if config.layers in LAYER_CHOICES:
             same = _with_head_basis(dataclasses.replace(config, layers=previous.layers)) == previous
         else:
-            same = _resolved(config, find_slots(model, config)) == previous
+            same = _recorded_layers(model, _with_head_basis(config)) == previous
         if same:
             return model
         raise ValueError(
             f"this model is already patched with {previous}; patching it again with {config} would "
             f"replace fixed frames. Start from the unpatched model to use a different ETF config."
         )
-    config = _placed(model, config, data, probe_options)
+    config = resolve(model, config, data, **probe_options)
     _check_targets(model, config, head=config.head)
     slots = apply_etf_layers(model, config)
     if not slots:
         raise ValueError(f"ETFConfig {config} selects no projection of {type(model).__name__}")
     _set_config_class(model.config, etf_config_class(type(model.config)))
     model.__class__ = etf_model_class(type(model))
-    model.config.etf = _resolved(config, slots).to_dict()
+    model.config.etf = config.to_dict()
     summary = parameter_summary(model)
     kind = f"{config.basis!r} control weights (not ETFs)" if config.basis in CONTROL_BASES else f"{config.basis} ETFs"
     ffn = sum(slot.role != "head" for slot in slots)
@@ -220,6 +237,10 @@ def lock_blocks(model: PreTrainedModel, blocks: list[int], config: ETFConfig | N
     combine. Returns the blocks that are now fixed.
     """
     existing = getattr(model.config, "etf", None)
+    stacks = model_stacks(model, config)
+    if stacks.named:
+        raise ValueError(f"lock_blocks locks blocks of a single stack, but {type(model).__name__} has stacks "
+                         f"{sorted(stacks.containers)}: patch it with ETFConfig(layers={{stack: [...], ...}}) instead")
     if existing is None:
         base = config or ETFConfig(basis="nearest")
         patch(model, dataclasses.replace(base, layers=sorted(set(blocks))))
@@ -240,5 +261,6 @@ def lock_blocks(model: PreTrainedModel, blocks: list[int], config: ETFConfig | N
             current = dataclasses.replace(current, basis=config.basis, projections=config.projections)
     merged = dataclasses.replace(current, layers=sorted(set(current.layers) | set(blocks)))
     _check_targets(model, merged, head=False)
-    model.config.etf = _resolved(merged, apply_etf_layers(model, merged)).to_dict()
+    apply_etf_layers(model, merged)
+    model.config.etf = _recorded_layers(model, _with_head_basis(merged)).to_dict()
     return list(model.config.etf["layers"])

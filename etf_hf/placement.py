@@ -14,7 +14,9 @@ random FFNs), fixing the last 3 cost < 1; from scratch, fixing every FFN did not
   the blocks, the pretrained default below, logged as a warning with the best NCC reached.
 * The default (``layers`` left unset): a model built from a config (random init) gets every block; a
   model loaded with pretrained weights gets ``"auto"`` when ``data`` is given, otherwise the second half
-  of its blocks (the last max(1, L // 2)). One log line names the choice and how to change it.
+  of its blocks (the last max(1, L // 2); of each stack for an encoder-decoder). One log line names the
+  choice and how to change it. ``"auto"`` reads one stack's hidden states, so it is refused on a model of
+  several stacks (give ``layers`` per stack there).
 
 How "loaded with pretrained weights" is told (`loaded_with_pretrained_weights`): transformers'
 ``from_pretrained`` marks every weight it read from a checkpoint (``_is_hf_initialized``) and records
@@ -37,7 +39,7 @@ from typing import Any
 
 from torch import nn
 
-from .architectures import HEAD_ATTRIBUTES, find_slots, num_blocks
+from .architectures import SINGLE, head_names, model_stacks
 from .collapse import collapse_report, resolve_pooling
 from .config import ETFConfig
 
@@ -58,7 +60,7 @@ class Placement:
         ``ncc[i]`` is block i's NCC accuracy on the data.
     """
 
-    layers: list[int]
+    layers: list[int] | dict[str, list[int]]
     rule: str
     reason: str
     threshold: float | None = None
@@ -81,8 +83,26 @@ def second_half(total: int) -> list[int]:
     return list(range(total - max(1, total // 2), total))
 
 
+def _stack_sizes(model: nn.Module) -> dict[str, int]:
+    """Blocks per stack (one stack named `SINGLE` for most models)."""
+    return model_stacks(model, ETFConfig(layers="all")).sizes
+
+
+def _per_stack(sizes: dict[str, int], choose: Callable[[int], list[int]]) -> list[int] | dict[str, list[int]]:
+    """``choose(blocks)`` for each stack: a list for a single-stack model, else one list per stack."""
+    if list(sizes) == [SINGLE]:
+        return choose(sizes[SINGLE])
+    return {stack: choose(size) for stack, size in sizes.items()}
+
+
 def _model_blocks(model: nn.Module) -> int:
-    return num_blocks(model, find_slots(model, ETFConfig(layers="all")))
+    """The number of blocks of a single-stack model; NCC placement (``"auto"``) reads one stack's hidden states."""
+    sizes = _stack_sizes(model)
+    if list(sizes) != [SINGLE]:
+        raise ValueError(f"layers='auto' measures NCC along one stack of blocks, but {type(model).__name__} has "
+                         f"stacks {sorted(sizes)}: give ETFConfig.layers per stack, e.g. "
+                         f"{{{', '.join(repr(s) + ': ' + repr('all') for s in sizes)}}}")
+    return sizes[SINGLE]
 
 
 def loaded_with_pretrained_weights(model: nn.Module) -> bool:
@@ -110,7 +130,7 @@ def suggest_layers(model: nn.Module, data: Any, threshold: float = 0.9, *, num_c
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
         raise ValueError(f"threshold={threshold!r}: an NCC accuracy threshold is a number in [0, 1]")
-    if num_classes is None and not any(isinstance(getattr(model, a, None), nn.Module) for a in HEAD_ATTRIBUTES):
+    if num_classes is None and not any(isinstance(getattr(model, a, None), nn.Module) for a in head_names(model)):
         raise ValueError(
             f"suggest_layers: {type(model).__name__} has no classification head, so config.num_labels says nothing "
             f"about the probe's labels: pass num_classes= (the number of classes in data's {label_key!r})")
@@ -158,16 +178,17 @@ def choose_placement(model: nn.Module, layers: str | None, data: Any, probe_opti
         unused = " (data= is not used: a random-init model has no collapse to measure)" if data is not None else ""
         reason = f"no layers given and {name} was built from a config (random init): every block is fixed{unused}"
         logger.info("etf_hf: %s; %s", reason, change)
-        return Placement(list(range(_model_blocks(model))), "default-from-config", reason)
+        return Placement(_per_stack(_stack_sizes(model), lambda size: list(range(size))), "default-from-config", reason)
     source = getattr(model.config, "_name_or_path", "") or "a checkpoint"
     if data is not None:
         placement = suggest_layers(model, data, **probe_options)
         placement.reason = f"no layers given and {name} was loaded with pretrained weights ({source}): {placement.reason}"
         logger.warning("etf_hf: %s; %s", placement.reason, change)
         return placement
-    total = _model_blocks(model)
-    layers_chosen = second_half(total)
+    sizes = _stack_sizes(model)
+    layers_chosen = _per_stack(sizes, second_half)
+    of = sizes[SINGLE] if list(sizes) == [SINGLE] else sizes
     reason = (f"no layers given and {name} was loaded with pretrained weights ({source}) without data: only the "
-              f"second half is fixed, blocks {layers_chosen} of {total}")
+              f"second half is fixed, blocks {layers_chosen} of {of}")
     logger.warning("etf_hf: %s; pass data= to choose by NCC, or %s", reason, change)
     return Placement(layers_chosen, "default-pretrained", reason)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM,
+from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertModel, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM,
                           T5Config, T5Model, ViTConfig, ViTForImageClassification)
 
 import etf_hf
@@ -86,10 +86,10 @@ def test_out_of_range_layers_are_refused(layers, message: str) -> None:
 
 
 def test_unsupported_architecture_says_what_was_looked_for() -> None:
-    t5 = T5Model(T5Config(num_layers=1, d_model=16, d_ff=32, num_heads=2, d_kv=8, vocab_size=50))
-    with pytest.raises(ValueError, match="no feed-forward projections found in T5Model.*target_modules"):
-        patch(t5)
-    assert not etf_layers(t5)
+    distilbert = DistilBertModel(DistilBertConfig(n_layers=1, dim=16, hidden_dim=32, n_heads=2, vocab_size=50))
+    with pytest.raises(ValueError, match="no feed-forward projections found in DistilBertModel.*target_modules"):
+        patch(distilbert)
+    assert not etf_layers(distilbert)
 
 
 def test_target_modules_override_patches_an_unknown_architecture() -> None:

@@ -93,7 +93,8 @@ def test_sequence_classification_run_with_every_kind_of_mode(tmp_path: Path, cap
     assert [rows[n]["kind"] for n in rows] == ["full", "frozen", "lora", "etf", "adaptive"]
     assert rows["frozen"]["trainable_params"] == full["trainable_params"] - 2 * 2 * 16 * 32   # 2 blocks x up+down
     assert rows["lora"]["trainable_params"] < rows["frozen"]["trainable_params"] / 10
-    assert rows["lora"]["lora"]["target_modules"] and rows["lora"]["lora"]["modules_to_save"] == ["classifier", "score"]
+    lora = rows["lora"]["lora"]
+    assert lora["target_modules"] and lora["modules_to_save"] == ["classifier"]   # the BERT record's head
     assert rows["etf"]["etf"]["basis"] == "orthogonal" and rows["etf"]["etf_fixed_params"] == 2 * 2 * 16 * 32
     adaptive = rows["adaptive"]                               # threshold 0: every block locks at the first check
     assert adaptive["adaptive"]["locked"] == [0, 1] and adaptive["etf"]["layers"] == [0, 1]
@@ -228,10 +229,10 @@ def _image_recipe() -> dict[str, Any]:
      "modes[0].freeze_input_embeddings must be true or false, got str 'yes'"),
     ("seq", {"modes": [{"name": "a", "lora": {}, "freeze_input_embeddings": True}]},
      "modes[0].freeze_input_embeddings: a LoRA mode already trains only its adapters"),
-    ("lm", {"model.from_config": {"model_type": "llama", "vocab_size": 256,
+    ("lm", {"model.from_config": {"model_type": "olmo", "vocab_size": 256,  # neither etf_hf nor peft has defaults
             "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
             "max_position_embeddings": 64},
-            "modes": [{"name": "a", "lora": {}}]}, "modes[0].lora.target_modules is required for model type 'llama'"),
+            "modes": [{"name": "a", "lora": {}}]}, "modes[0].lora.target_modules is required for model type 'olmo'"),
 ])
 def test_text_recipe_errors_name_the_key(tmp_path: Path, make: str, change: dict[str, Any], message: str) -> None:
     if "lora" in str(change):

@@ -63,6 +63,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..architectures import REGISTRY, Bench, architecture_for
 from ..config import ETFConfig
 from ..etf import BASES
 from ..injection import etf_layers, parameter_summary
@@ -70,7 +71,8 @@ from . import treatments
 from .bounds import ACTIVATION_ONLY, BOUNDS, FFN_FREE, replace_ffn
 from .recipe import ConfigError
 
-FAMILIES = ("gpt2", "bert", "vit")
+#: Families with a benchmark entry in their architecture record (`etf_hf.architectures.Bench`).
+FAMILIES = tuple(t for a in REGISTRY if a.bench is not None for t in a.model_types)
 SIZES = ("tiny", "small", "large")
 #: ``dense:KEY=VALUE[:KEY=VALUE...]``: the full model with its config fields overridden.
 DENSE_PREFIX = "dense:"
@@ -81,8 +83,8 @@ DEFAULT_MODES = ("full", "frozen", "lora", "etf-orthogonal", "etf-structured", "
                  FFN_FREE)
 #: ``--inference`` without ``--modes``: training-only treatments (frozen, LoRA) compute what ``full`` does.
 INFERENCE_MODES = ("full", "etf-orthogonal", "etf-structured", ACTIVATION_ONLY, FFN_FREE)
-#: Families whose benchmark model can ``generate()`` (the others are classifiers).
-GENERATIVE = ("gpt2",)
+#: Families whose benchmark model can ``generate()`` (the others are classifiers), from their records.
+GENERATIVE = tuple(t for a in REGISTRY if a.bench is not None and a.bench.generates for t in a.model_types)
 
 
 class BenchError(ValueError):
@@ -93,54 +95,29 @@ class BenchError(ValueError):
 # Models
 # --------------------------------------------------------------------------------------------------
 
-#: Config kwargs of each family's presets. ``small`` is the config class's defaults (GPT-2 124M,
-#: BERT-base, ViT-base/16); ``large`` GPT-2-large / BERT-large / ViT-large; ``tiny`` is for CI.
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "gpt2": {
-        "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 256, "n_positions": 128},
-        "small": {},
-        "large": {"n_embd": 1280, "n_layer": 36, "n_head": 20},
-    },
-    "bert": {
-        "tiny": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 256,
-                 "vocab_size": 256, "max_position_embeddings": 128},
-        "small": {},
-        "large": {"num_hidden_layers": 24, "hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096},
-    },
-    "vit": {
-        "tiny": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 256,
-                 "image_size": 32, "patch_size": 8},
-        "small": {},
-        "large": {"num_hidden_layers": 24, "hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096},
-    },
-}
-
-#: PEFT target_modules (a regex, fullmatched against module paths) naming each family's attention
-#: projections; GPT-2's ``c_proj`` is deliberately absent (the MLP has one too). `treatments.lora_settings`
-#: reads it for ``etf-hf train`` too.
-LORA_TARGETS = {
-    "gpt2": r".*\.attn\.c_attn",
-    "bert": r".*\.attention\.self\.(query|value)",
-    "vit": r".*\.attention(\.attention)?\.(q_proj|v_proj|query|value)",  # 5.2x names, then older ones
-}
+def _bench(family: str) -> Bench:
+    """The benchmark entry of ``family``'s architecture record (presets, model class, inputs)."""
+    architecture = architecture_for(family)
+    if family not in FAMILIES or architecture is None or architecture.bench is None:
+        raise BenchError(f"unknown family {family!r}: choose one of {', '.join(FAMILIES)}")
+    return architecture.bench
 
 
 def model_config(family: str, size: str, overrides: dict[str, Any] | None = None, where: str = "--modes") -> Any:
-    """The transformers config for ``family`` at ``size`` (a preset name or a JSON object of config kwargs),
-    with ``overrides`` (a ``dense:`` mode's fields) on top."""
-    if family not in FAMILIES:
-        raise BenchError(f"unknown family {family!r}: choose one of {', '.join(FAMILIES)}")
-    from transformers import BertConfig, GPT2Config, ViTConfig
+    """The transformers config for ``family`` at ``size`` (a preset name of its record's `Bench`, or a JSON
+    object of config kwargs), with ``overrides`` (a ``dense:`` mode's fields) on top."""
+    bench = _bench(family)
+    from transformers import AutoConfig
 
-    config_class = {"gpt2": GPT2Config, "bert": BertConfig, "vit": ViTConfig}[family]
-    if size in PRESETS[family]:
-        kwargs = PRESETS[family][size]
+    config_class = type(AutoConfig.for_model(family))
+    if size in bench.presets:
+        kwargs = dict(bench.presets[size])
     else:
         try:
             kwargs = json.loads(size)
         except json.JSONDecodeError:
-            raise BenchError(f"unknown size {size!r}: choose one of {', '.join(SIZES)} or give a JSON object of "
-                             f"{config_class.__name__} kwargs, e.g. '{{\"n_layer\": 4}}'") from None
+            raise BenchError(f"unknown size {size!r}: choose one of {', '.join(bench.presets)} or give a JSON object "
+                             f"of {config_class.__name__} kwargs, e.g. '{{\"num_hidden_layers\": 4}}'") from None
         if not isinstance(kwargs, dict):
             raise BenchError(f"--size JSON must be an object of {config_class.__name__} kwargs, got {size!r}")
     config = config_class(**kwargs)
@@ -153,34 +130,23 @@ def model_config(family: str, size: str, overrides: dict[str, Any] | None = None
 
 
 def build_model(family: str, config: Any) -> nn.Module:
-    from transformers import BertForSequenceClassification, GPT2LMHeadModel, ViTForImageClassification
+    import transformers
 
-    model_class = {"gpt2": GPT2LMHeadModel, "bert": BertForSequenceClassification,
-                   "vit": ViTForImageClassification}[family]
-    return model_class(config)
+    return getattr(transformers, _bench(family).model_class)(config)
 
 
 def tokens_per_example(family: str, config: Any, seq: int) -> int:
-    if family == "vit":
-        return (config.image_size // config.patch_size) ** 2 + 1
-    return seq
+    return _bench(family).tokens(config, seq)
 
 
 def make_batch(family: str, config: Any, batch: int, seq: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
     """Random inputs and labels of the right shapes (the values do not matter for timing)."""
-    generator = torch.Generator().manual_seed(seed)
-    if family == "vit":
-        pixels = torch.randn(batch, config.num_channels, config.image_size, config.image_size, generator=generator)
-        labels = torch.randint(0, config.num_labels, (batch,), generator=generator)
-        return {"pixel_values": pixels.to(device), "labels": labels.to(device)}
-    limit = config.n_positions if family == "gpt2" else config.max_position_embeddings
-    if seq > limit:
+    bench = _bench(family)
+    limit = getattr(config, "max_position_embeddings", None)  # GPT-2's n_positions too; absent for images
+    if limit is not None and seq > limit:
         raise BenchError(f"--seq {seq} exceeds this {family} config's {limit} positions")
-    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator)
-    if family == "gpt2":
-        return {"input_ids": ids.to(device), "labels": ids.to(device)}
-    labels = torch.randint(0, config.num_labels, (batch,), generator=generator)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+    inputs = bench.inputs(config, batch, seq, torch.Generator().manual_seed(seed))
+    return {key: value.to(device) for key, value in inputs.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -928,9 +894,9 @@ def _settings(options: argparse.Namespace) -> tuple[Settings, list[str]]:
     gen_batches = _gen_batches(options.gen_batches)
     if options.inference and options.family in GENERATIVE:
         length = options.prompt + options.new_tokens
-        if length > config.n_positions:
+        if length > config.max_position_embeddings:  # GPT-2's n_positions
             raise BenchError(f"--prompt {options.prompt} + --new-tokens {options.new_tokens} = {length} exceeds this "
-                             f"{options.family} config's {config.n_positions} positions")
+                             f"{options.family} config's {config.max_position_embeddings} positions")
     if options.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:

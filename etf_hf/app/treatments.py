@@ -50,8 +50,6 @@ TREATMENTS = ("etf", "frozen", "lora", "adaptive")
 _MODE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 #: The ETFConfig fields that select projections; a ``frozen`` mode selects with them too.
 SELECTION_KEYS = ("layers", "projections", "target_modules")
-#: Heads a LoRA mode keeps trainable (a classifier starts random): BERT/ViT ``classifier``, GPT-2 ``score``.
-HEAD_NAMES = ("classifier", "score")
 #: LoRA's default rank (alpha is twice the rank), in `etf-hf train` and `etf-hf bench` alike.
 LORA_RANK = 8
 #: How many training examples NCC is measured on, by Adaptive-ETF (``probe_size`` changes it) and by
@@ -180,20 +178,23 @@ def lora_settings(model_type: str, has_labels: bool, settings: dict[str, Any] | 
     """``settings`` (LoraConfig kwargs) over the defaults that `etf-hf train` and `etf-hf bench` share:
     rank `LORA_RANK`, alpha 2r, no dropout, the model type's attention projections, and (``has_labels``)
     the classifier heads trained, since they start random."""
-    from .bench import LORA_TARGETS  # per-architecture table; moves to the Architecture record
+    from ..architectures import HEAD_ATTRIBUTES, architecture_for, peft_targets
 
     settings = settings or {}
     rank = expect_positive_int(settings.get("r", LORA_RANK), f"{where}.r")
     defaults: dict[str, Any] = {"r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0}
     model_type = model_type.removeprefix("etf_")  # a saved ETF checkpoint has its base type's attention
+    architecture = architecture_for(model_type)
     if "target_modules" not in settings:
-        if model_type not in LORA_TARGETS:
-            raise ConfigError(f"{where}.target_modules is required for model type {model_type!r} (defaults exist for "
-                              f"{', '.join(LORA_TARGETS)}): name its attention projections, e.g. [q_proj, v_proj]")
-        defaults["target_modules"] = LORA_TARGETS[model_type]
-        defaults["fan_in_fan_out"] = model_type == "gpt2"  # GPT-2's Conv1D stores (in, out)
-    if has_labels:
-        defaults["modules_to_save"] = list(HEAD_NAMES)  # peft skips the names a model does not have
+        targets = peft_targets(model_type)
+        if targets is None:
+            raise ConfigError(f"{where}.target_modules is required for model type {model_type!r} (neither etf_hf's "
+                              f"architecture record nor peft knows its attention projections): name them, e.g. "
+                              f"[q_proj, v_proj]")
+        defaults["target_modules"] = targets
+        defaults["fan_in_fan_out"] = architecture is not None and architecture.fan_in_fan_out
+    if has_labels:  # a classifier starts random, so LoRA trains it; peft skips the names a model does not have
+        defaults["modules_to_save"] = list(architecture.head if architecture else HEAD_ATTRIBUTES)
     return {**defaults, **settings}
 
 
