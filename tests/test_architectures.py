@@ -110,9 +110,11 @@ def test_bench_families_are_the_records_with_bench_inputs() -> None:
 
     assert set(bench.FAMILIES) == {t for a in REGISTRY if a.bench for t in a.model_types} >= {"gpt2", "bert", "vit",
                                                                                                   "qwen2"}
+    assert set(bench.GENERATIVE) == {"gpt2", "qwen2"}
     for family in bench.FAMILIES:
         config = bench.model_config(family, "tiny")
         model = bench.build_model(family, config)
+        assert model.can_generate() == (family in bench.GENERATIVE)
         inputs = bench.make_batch(family, config, 2, 8, torch.device("cpu"), seed=0)
         assert torch.isfinite(model(**inputs).loss)
     with pytest.raises(bench.BenchError, match="exceeds this qwen2 config's 128 positions"):
