@@ -1,4 +1,4 @@
-"""ETF model and config classes: one subclass per vanilla class, registered with the Auto classes.
+"""ETF model classes: one subclass per vanilla class, registered with the Auto classes on first use.
 
 A patched model gets its own ``model_type`` (``etf_<type>``) so that vanilla transformers refuses to
 load its checkpoint through the Auto classes instead of silently building random FFNs. The classes are
@@ -18,37 +18,15 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from .architectures import REGISTRY, model_stacks
+from .architectures import model_stacks
 from .config import ETFConfig
+from .configuration_etf import _CONFIG_CLASSES, etf_config_class, register_auto_models
 from .hub import auto_classes, auto_map, write_hub_files
 from .injection import apply_etf_layers, etf_layers, frame_is_stored, store_frames
 
 logger = logging.getLogger("etf_hf")
 
-_CONFIG_CLASSES: dict[type, type] = {}
 _MODEL_CLASSES: dict[type, type] = {}
-
-
-def etf_model_type(model_type: str) -> str:
-    return model_type if model_type.startswith("etf_") else f"etf_{model_type}"
-
-
-def etf_config_class(vanilla: type[PretrainedConfig]) -> type[PretrainedConfig]:
-    """The ``etf_<type>`` config subclass of a vanilla config class, registered with AutoConfig."""
-    if getattr(vanilla, "etf_vanilla_class", None) is not None:
-        return vanilla
-    if vanilla not in _CONFIG_CLASSES:
-        name = f"ETF{vanilla.__name__}"
-        cls = type(name, (vanilla,), {
-            "model_type": etf_model_type(vanilla.model_type),
-            "etf_vanilla_class": vanilla,
-            "__module__": __name__,
-            "__doc__": f"{vanilla.__name__} of a model patched by etf_hf; `config.etf` says how.",
-        })
-        setattr(sys.modules[__name__], name, cls)
-        AutoConfig.register(cls.model_type, cls, exist_ok=True)
-        _CONFIG_CLASSES[vanilla] = cls
-    return _CONFIG_CLASSES[vanilla]
 
 
 def _refuse_shared_stack_layers(model: PreTrainedModel, etf: ETFConfig) -> None:
@@ -163,11 +141,17 @@ def etf_model_class(vanilla: type[PreTrainedModel]) -> type[PreTrainedModel]:
 def register_model_type(model_type: str) -> None:
     """Register ``etf_<model_type>`` and the ETF class of every Auto head that ``model_type`` has.
 
-    Done on ``import etf_hf`` for the registry's architectures; call it yourself before loading a
-    checkpoint of an architecture patched through the generic fallback (e.g. ``"opt"``).
+    ``import etf_hf`` does this for the registry's architectures (configs at once, model classes on first
+    use); call it yourself before loading a checkpoint of an architecture patched through the generic
+    fallback (e.g. ``"opt"``).
     """
-    vanilla_config = AutoConfig.for_model(model_type).__class__
-    config_class = etf_config_class(vanilla_config)
+    config_class = etf_config_class(AutoConfig.for_model(model_type).__class__)
+    register_auto_models(config_class)
+
+
+def register_model_classes(config_class: type[PretrainedConfig]) -> None:
+    """Register the ETF class of every Auto head of ``config_class``'s vanilla config (see `register_auto_models`)."""
+    vanilla_config = config_class.etf_vanilla_class
     for auto_class in auto_classes():
         try:
             vanilla_model = auto_class._model_mapping[vanilla_config]
@@ -178,7 +162,11 @@ def register_model_type(model_type: str) -> None:
         auto_class.register(config_class, etf_model_class(vanilla_model), exist_ok=True)
 
 
-def register_registry_architectures() -> None:
-    for architecture in REGISTRY:
-        for model_type in architecture.model_types:
-            register_model_type(model_type)
+def __getattr__(name: str) -> type:
+    """Generated model classes by name (unpickling), made on demand like their registration."""
+    if name.startswith("ETF"):
+        for config_class in list(_CONFIG_CLASSES.values()):
+            register_auto_models(config_class)
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,11 +7,15 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "etf_hf"
 
 
-def _imported_modules(path: Path) -> list[str]:
-    """Every module an ``import`` or ``from ... import`` in ``path`` names, made absolute (etf_hf.x.y)."""
+def _imported_modules(path: Path, top_level_only: bool = False) -> list[str]:
+    """Every module an ``import`` or ``from ... import`` in ``path`` names, made absolute (etf_hf.x.y);
+    with ``top_level_only``, only those that run when the module is imported (none inside a def/class)."""
     package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    tree = ast.parse(path.read_text())
+    roots = [node for node in tree.body if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    nodes = [node for root in roots for node in ast.walk(root)] if top_level_only else ast.walk(tree)
     names = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes:
         if isinstance(node, ast.Import):
             names.extend(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -37,3 +41,33 @@ def test_the_import_scan_sees_relative_imports_of_the_application():
     names = _imported_modules(PACKAGE / "app" / "cli.py")
     assert any(name.startswith("etf_hf.app.") for name in names)
     assert "etf_hf.app.runner" in names or any(n.startswith("etf_hf.app.runner") for n in names)
+
+
+HEAVY = ("torch", "transformers", "numpy", "matplotlib", "peft", "datasets", "accelerate", "sklearn", "scipy")
+
+
+def _module_path(name: str) -> Path | None:
+    parts = name.split(".")[1:]
+    for candidate in (PACKAGE.joinpath(*parts).with_suffix(".py"), PACKAGE.joinpath(*parts, "__init__.py")):
+        if parts and candidate.is_file():
+            return candidate
+    return PACKAGE / "__init__.py" if not parts else None
+
+
+def test_the_command_line_parses_before_importing_torch():
+    """``etf-hf --help`` and a missing recipe must not import torch or transformers (seconds): follow the
+    imports that run at import time from the CLI module and the package __init__ files above it."""
+    todo, seen, heavy = ["etf_hf", "etf_hf.app", "etf_hf.app.cli"], set(), {}
+    while todo:
+        name = todo.pop()
+        path = _module_path(name)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        for imported in _imported_modules(path, top_level_only=True):
+            if imported.split(".")[0] in HEAVY:
+                heavy[name] = imported
+            elif imported.startswith("etf_hf"):
+                todo.append(imported)
+    assert "etf_hf.app.recipe" in seen and "etf_hf.registration" in seen  # the scan follows the real imports
+    assert heavy == {}

@@ -15,6 +15,8 @@ import sys
 
 import yaml
 
+from .recipe import ConfigError, apply_overrides, load_config
+
 TRAIN_EPILOG = """\
 examples:
   etf-hf train                                   # the packaged quickstart (digits, ViT, full vs etf)
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "a summary table; writes metrics.json, config.yaml, PNG plots and each mode's\n"
                                 "trained model to the run folder (default runs/<config name>-<timestamp>).",
                                 epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.set_defaults(command_parser=train)
     train.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value",
                        help="recipe file (default: the packaged quickstart.yaml), then overrides")
     train.add_argument("--only", action="append", metavar="MODE[,MODE...]", help="train only these modes of the recipe "
@@ -70,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="Read the metrics.json of `etf-hf train` run folders and write report.md "
                                  "and PNG plots.")
+    report.set_defaults(command_parser=report)
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by etf-hf train")
     report.add_argument("--output", metavar="DIR", help="where report.md and the plots go (default: the run folder "
                         "for one run, <common parent>/report-<recipe> for several)")
@@ -82,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=PROBE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Build a recipe's model (or load a trained mode), measure neural collapse\n"
                                 "of every block on a sample of its data, and write collapse.json and collapse.png.")
+    probe.set_defaults(command_parser=probe)
     probe.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value",
                        help="recipe file (default: the packaged quickstart.yaml), then overrides")
     probe.add_argument("--mode", metavar="NAME", help="give the model this mode's treatment (ETF patch, "
@@ -109,11 +114,12 @@ def split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def train_command(args: list[str], print_config: bool, only: list[str] | None = None) -> int:
-    from .runner import apply_overrides, load_config, run, select_modes, summary, validate
-
     path, overrides = split_train_args(args)
     raw, name = load_config(path)
-    spec = validate(apply_overrides(raw, overrides), name)
+    raw = apply_overrides(raw, overrides)
+    from .runner import run, select_modes, summary, validate
+
+    spec = validate(raw, name)
     if only:
         spec = select_modes(spec, [name for names in only for name in names.split(",") if name])
     if print_config:
@@ -133,16 +139,17 @@ def report_command(options: argparse.Namespace) -> int:
 
 
 def probe_command(options: argparse.Namespace) -> int:
-    from .probe import format_rows, probe
-    from .runner import ConfigError, apply_overrides, load_config, validate
-
     if not 0 <= options.threshold <= 1:
         raise ConfigError(f"--threshold {options.threshold}: an NCC accuracy threshold lies in [0, 1]")
     if options.samples < 0:
         raise ConfigError(f"--samples {options.samples}: give a number of examples, or 0 for the whole split")
     path, overrides = split_train_args(options.args)
     raw, name = load_config(path)
-    spec = validate(apply_overrides(raw, overrides), name)
+    raw = apply_overrides(raw, overrides)
+    from .probe import format_rows, probe
+    from .runner import validate
+
+    spec = validate(raw, name)
     result = probe(spec, mode=options.mode, checkpoint=options.checkpoint, output=options.output,
                    split=options.split, samples=options.samples, pooling=options.pooling,
                    threshold=options.threshold)
@@ -153,27 +160,30 @@ def probe_command(options: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``etf-hf`` and ``python -m etf_hf``; returns the exit status."""
+    """Entry point of ``etf-hf`` and ``python -m etf_hf``; returns the exit status.
+
+    Only argparse, PyYAML and the recipe reader are imported before the arguments are parsed and the recipe
+    read: ``--help`` and a missing file answer without importing torch or transformers.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # the benchmark parses its own options (argparse would not pass them through)
         from .bench import main as bench_main
 
         return bench_main(argv[1:], prog="etf-hf bench")
     parser = build_parser()
-    options, extra = parser.parse_known_args(argv)
-    # argparse stops filling a nargs="*" positional at the first option, so `probe my.yaml --mode etf a.b=1`
-    # would leave a.b=1 over; later positionals belong to the same list (options stay errors)
-    unknown = [arg for arg in extra if arg.startswith("-")]
-    if unknown or (extra and options.command is None):
-        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
-    if extra:
-        positional = "run_dirs" if options.command == "report" else "args"
-        setattr(options, positional, [*getattr(options, positional), *extra])
+    options, _ = parser.parse_known_args(argv)  # the command (or --help / --version, which exit here)
     if options.command is None:
+        if argv:
+            parser.error(f"unrecognized arguments: {' '.join(argv)}")
         parser.print_help(sys.stderr)
         return 2
+    start = argv.index(options.command)
+    if start:  # the top level takes only -h/--version, which have exited
+        parser.error(f"unrecognized arguments: {' '.join(argv[:start])}")
+    # intermixed: overrides may follow options (`probe my.yaml --mode etf a.b=1`), as they may precede them
+    options = options.command_parser.parse_intermixed_args(argv[start + 1:])
+    options.command = argv[start]
     from .report import ReportError
-    from .runner import ConfigError
 
     try:
         if options.command == "report":

@@ -30,10 +30,13 @@ from typing import Any
 
 import yaml
 
-try:  # the controls module is new; the names are the contract, so fall back to them
+
+def _control_bases() -> tuple[str, ...]:
+    """`etf_hf.controls.CONTROL_BASES`, imported when a row is described: that module imports torch, and a
+    missing run folder should be reported without it."""
     from ..controls import CONTROL_BASES
-except ImportError:  # pragma: no cover - only on a checkout without etf_hf.controls
-    CONTROL_BASES = ("gaussian", "zero", "frozen")
+
+    return CONTROL_BASES
 
 #: TrainingArguments' default seed: the seed of a run whose recipe does not set ``training.seed``.
 DEFAULT_TRAINING_SEED = 42
@@ -303,7 +306,7 @@ class ModeSummary:
 
     @property
     def is_control(self) -> bool:
-        return self.treatment == "etf" and self.basis in CONTROL_BASES
+        return self.treatment == "etf" and self.basis in _control_bases()
 
     @property
     def kind(self) -> str:
@@ -343,7 +346,7 @@ class ModeSummary:
         head = ""
         if selection.get("head"):
             head_basis = selection.get("head_basis")
-            head = f" + head: control {head_basis}" if head_basis in CONTROL_BASES else " + ETF head"
+            head = f" + head: control {head_basis}" if head_basis in _control_bases() else " + ETF head"
         return f"{layers} / {selection.get('projections', 'both')}{head}"
 
 

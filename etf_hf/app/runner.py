@@ -43,83 +43,17 @@ from ..controls import CONTROL_BASES
 from .data import validate_data
 from .treatments import (ModeSpec, adaptive_callback, apply_mode, check_modes_fit_model, input_embeddings, placement_data,
                     validate_modes)
-from .recipe import ConfigError, expect, reject_unknown, resolve_folder
+from .recipe import (DEFAULT_CONFIG, TOP_LEVEL_KEYS, ConfigError, apply_overrides, expect, load_config, reject_unknown,
+                     resolve_folder)
 from .tasks import TASKS, DataSplits, Task, load_tokenizer, perplexity, prepare_data
 
 __all__ = ["ConfigError", "DEFAULT_CONFIG", "DataSplits", "ModeSpec", "RunSpec", "TASKS", "apply_overrides",
            "build_model", "load_config", "load_data", "run", "select_modes", "summary", "validate"]
 
-#: The recipe `etf-hf train` runs when given no file; shipped inside the package so a plain
-#: ``pip install`` has it. The top-level ``configs/quickstart.yaml`` is the same file (a test keeps them equal).
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
-
-TOP_LEVEL_KEYS = ("task", "model", "data", "modes", "training", "output_dir", "torch_threads")
 REQUIRED_KEYS = ("task", "model", "data", "modes", "training")
 MODEL_KEYS = ("from_config", "pretrained", "tokenizer")
 #: Model config keys the data decides; letting a recipe set them could only make them disagree.
 _DATA_DEFINED_KEYS = ("num_labels", "id2label", "label2id")
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading and key=value overrides
-# --------------------------------------------------------------------------------------------------
-
-
-def load_config(path: str | Path | None = None) -> tuple[dict[str, Any], str]:
-    """Read a recipe (the packaged quickstart when ``path`` is None); returns (mapping, recipe name)."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found" + (" (it is a directory)" if path.is_dir() else ""))
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must be a YAML mapping with keys {', '.join(TOP_LEVEL_KEYS)}; "
-                          f"got {type(data).__name__}")
-    return data, path.stem
-
-
-def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides in place (values parsed as YAML: ``3``, ``true``, ``null``, ``[0, 1]``).
-
-    List items are addressed by index (``modes.1.etf.basis=canonical``). A new key may be created; the
-    validation that follows rejects it if it is not part of the schema, naming it.
-    """
-    for override in overrides:
-        key, sep, text = override.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {override!r} must look like key.subkey=value (e.g. training.num_train_epochs=1)")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"override {key}: value {text!r} is not valid YAML ({error})") from None
-        _set_dotted(config, key, value)
-    return config
-
-
-def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node: Any = config
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        here = ".".join(parts[: depth + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"override {key}: {here!r} needs a list index 0..{len(node) - 1}")
-            index: int | str = int(part)
-        elif isinstance(node, dict):
-            index = part
-        else:
-            raise ConfigError(f"override {key}: {'.'.join(parts[:depth])!r} is a {type(node).__name__}, not a mapping")
-        if last:
-            node[index] = value
-        else:
-            if isinstance(node, dict) and not isinstance(node.get(index), (dict, list)):
-                if node.get(index) is not None:
-                    raise ConfigError(f"override {key}: {here!r} is a {type(node[index]).__name__}, not a mapping")
-                node[index] = {}
-            node = node[index]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,50 +18,12 @@ from __future__ import annotations
 import math
 
 import torch
-from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel
+from transformers import AutoModelForImageClassification, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 
-MODEL_TYPE = "collapse_mlp"
-
-
-@strict
-class CollapseMLPConfig(PreTrainedConfig):
-    """Configuration of `MLPForImageClassification`.
-
-    input_size: flattened input dimension (784 for 28 x 28 images).
-    hidden_size: width H of every hidden layer (the paper: 400).
-    num_hidden_layers: depth L, the number of square H x H hidden blocks (the paper: 4). The name is
-        transformers' convention, which ``ETFConfig(layers="last:N")`` relies on to count blocks.
-    batch_norm: BatchNorm1d after every hidden Linear (the paper uses it).
-    num_labels: classes C (a `PreTrainedConfig` keyword, default here 10).
-    """
-
-    model_type = MODEL_TYPE
-
-    input_size: int = 784
-    hidden_size: int = 400
-    num_hidden_layers: int = 4
-    batch_norm: bool = True
-
-    def __post_init__(self, **kwargs):
-        kwargs.setdefault("num_labels", 10 if self.id2label is None else len(self.id2label))
-        if self.input_size < 1 or self.hidden_size < 1 or self.num_hidden_layers < 0:
-            raise ValueError(f"CollapseMLPConfig: input_size={self.input_size}, hidden_size={self.hidden_size} must be "
-                             f">= 1 and num_hidden_layers={self.num_hidden_layers} >= 0")
-        super().__post_init__(**kwargs)
-
-    def to_diff_dict(self) -> dict:
-        """Always write the labels: transformers drops them when they equal *its* default (2 classes), and
-        this config's default is 10, so a 2-class model would otherwise reload with 10 classes."""
-        diff = super().to_diff_dict()
-        full = self.to_dict()
-        diff.setdefault("id2label", full["id2label"])
-        diff.setdefault("label2id", full["label2id"])
-        return diff
-
+from .configuration_mlp import CollapseMLPConfig
 
 class _LinearNormReLU(nn.Module):
     """Linear -> BatchNorm -> ReLU."""
@@ -154,11 +116,10 @@ class MLPForImageClassification(CollapseMLPPreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
-def register_auto_classes() -> None:
-    """Make ``collapse_mlp`` checkpoints load through AutoConfig / AutoModelForImageClassification.
+def register_auto_classes(config_class: type = CollapseMLPConfig) -> None:
+    """Make ``collapse_mlp`` checkpoints load through AutoModelForImageClassification.
 
-    Must run before `etf_hf.register_registry_architectures`, which derives ``etf_collapse_mlp`` from
-    the Auto mapping of ``collapse_mlp``.
+    Called when the first `CollapseMLPConfig` is built (``import etf_hf`` registers the config type); a
+    patched MLP's ``etf_collapse_mlp`` classes derive from this Auto entry.
     """
-    AutoConfig.register(MODEL_TYPE, CollapseMLPConfig, exist_ok=True)
-    AutoModelForImageClassification.register(CollapseMLPConfig, MLPForImageClassification, exist_ok=True)
+    AutoModelForImageClassification.register(config_class, MLPForImageClassification, exist_ok=True)
