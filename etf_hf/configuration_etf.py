@@ -63,6 +63,18 @@ def etf_config_class(vanilla: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
             "__doc__": f"{vanilla.__name__} of a model patched by etf_hf; `config.etf` says how.",
         })
         setattr(sys.modules[__name__], name, cls)  # pickles by name
-        AutoConfig.register(cls.model_type, cls, exist_ok=True)
+        if not globals().get("_SELF_CONTAINED"):  # remote code: transformers maps it through config.auto_map
+            AutoConfig.register(cls.model_type, cls, exist_ok=True)
         _CONFIG_CLASSES[vanilla] = cls
     return _CONFIG_CLASSES[vanilla]
+
+
+def __getattr__(name: str) -> type:
+    """Config classes by name (unpickling), made on demand like their registration."""
+    if name.startswith("ETF"):
+        from .registration import make_announced_types
+
+        make_announced_types()
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from .architectures import model_stacks
 from .config import ETFConfig
 from .configuration_etf import _CONFIG_CLASSES, etf_config_class, register_auto_models
-from .hub import auto_classes, auto_map, write_hub_files
+from .hub import MODEL_TAGS, auto_classes, auto_map, write_hub_files
 from .injection import apply_etf_layers, etf_layers, frame_is_stored, store_frames
 
 logger = logging.getLogger("etf_hf")
@@ -63,6 +63,7 @@ class ETFModelMixin:
         config.etf = etf.to_dict()  # an older format version is held (and saved) as this version's dict
         _refuse_shared_stack_layers(self, etf)
         apply_etf_layers(self, etf)
+        self.add_model_tags(list(MODEL_TAGS))  # a Trainer's model card carries them
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
@@ -165,6 +166,9 @@ def register_model_classes(config_class: type[PretrainedConfig]) -> None:
 def __getattr__(name: str) -> type:
     """Generated model classes by name (unpickling), made on demand like their registration."""
     if name.startswith("ETF"):
+        from .registration import make_announced_types
+
+        make_announced_types()
         for config_class in list(_CONFIG_CLASSES.values()):
             register_auto_models(config_class)
         if name in globals():

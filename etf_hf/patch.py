@@ -16,6 +16,7 @@ from .config import LAYER_CHOICES, ETFConfig
 from .controls import CONTROL_BASES
 from .injection import apply_etf_layers, parameter_summary
 from .layers import ETFLinear
+from .hub import MODEL_TAGS
 from .modeling_etf import etf_config_class, etf_model_class
 from .placement import choose_placement
 
@@ -170,6 +171,7 @@ def patch(model: PreTrainedModel, config: ETFConfig | None = None, data: Any = N
         raise ValueError(f"ETFConfig {config} selects no projection of {type(model).__name__}")
     _set_config_class(model.config, etf_config_class(type(model.config)))
     model.__class__ = etf_model_class(type(model))
+    model.add_model_tags(list(MODEL_TAGS))  # Trainer.create_model_card writes them into its card
     model.config.etf = config.to_dict()
     summary = parameter_summary(model)
     kind = f"{config.basis!r} control weights (not ETFs)" if config.basis in CONTROL_BASES else f"{config.basis} ETFs"
@@ -221,6 +223,7 @@ def materialize(model: PreTrainedModel) -> PreTrainedModel:
         if isinstance(layer, ETFLinear):
             setattr(slot.parent, slot.attribute, _dense_layer(layer, slot.layout))
     del model.config.etf
+    model.model_tags = [tag for tag in model.model_tags or () if tag not in MODEL_TAGS] or None
     _set_config_class(model.config, type(model.config).etf_vanilla_class)
     model.__class__ = model.etf_vanilla_class
     return model

@@ -64,7 +64,7 @@ class LazyConfigTypes(dict):
             cls = make()
             dict.__setitem__(self, key, cls)
 
-    def _make_all(self) -> None:
+    def make_all(self) -> None:
         for key in list(self.pending):
             self._make(key)
 
@@ -79,19 +79,19 @@ class LazyConfigTypes(dict):
         return self[key] if key in self else default
 
     def __iter__(self) -> Iterator[str]:
-        self._make_all()
+        self.make_all()
         return dict.__iter__(self)
 
     def keys(self):
-        self._make_all()
+        self.make_all()
         return dict.keys(self)
 
     def values(self):
-        self._make_all()
+        self.make_all()
         return dict.values(self)
 
     def items(self):
-        self._make_all()
+        self.make_all()
         return dict.items(self)
 
 
@@ -121,6 +121,14 @@ def announce_config_types() -> None:
 
     if not isinstance(CONFIG_MAPPING._extra_content, LazyConfigTypes):
         CONFIG_MAPPING._extra_content = LazyConfigTypes(CONFIG_MAPPING._extra_content, announced_types)
+
+
+def make_announced_types() -> None:
+    """Make every announced class now (unpickling a class by name needs it to exist)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    announce_config_types()
+    CONFIG_MAPPING._extra_content.make_all()
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

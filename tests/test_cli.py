@@ -11,6 +11,7 @@ import yaml
 
 from etf_hf.app import cli
 from etf_hf.app.runner import DEFAULT_CONFIG, ConfigError, apply_overrides, load_config, validate
+from isolated import run_python
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,11 +179,20 @@ def test_missing_pretrained_path_and_missing_file_are_named(tmp_path: Path,
     assert "nope.yaml' not found" in capsys.readouterr().err
 
 
-def test_python_dash_m_shows_train_help() -> None:
+@pytest.mark.slow  # fresh Python processes
+def test_python_dash_m_answers_help_and_a_missing_file_without_importing_torch(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "etf_hf", "train", "--help"], capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "CONFIG.yaml" in result.stdout and "key=value" in result.stdout
+    result = run_python(f"""
+import sys
+from etf_hf.app.cli import main
+status = main(["train", {str(tmp_path / 'nope.yaml')!r}])
+print(status, sorted({{"torch", "transformers"}} & set(sys.modules)))
+""")
+    assert result.stdout.split() == ["2", "[]"], result.stdout + result.stderr
+    assert "nope.yaml' not found" in result.stderr
 
 
 def test_a_bad_training_value_stops_before_any_model_data_or_run_folder(tmp_path: Path,

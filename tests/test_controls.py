@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoModelForImageCl
 from etf_hf import ETFConfig, etf_layers, lock_blocks, parameter_summary, patch
 from etf_hf.controls import CONTROL_BASES, control_frame
 from etf_hf.etf import simplex_etf
+from isolated import run_python
 from tiny_models import tiny_bert, tiny_vit, token_batch
 
 
@@ -35,6 +36,7 @@ def test_gaussian_control_has_the_etf_norm_but_not_its_geometry() -> None:
     assert not torch.equal(frame, control_frame(16, 64, "gaussian", seed=4, dtype=torch.float64))
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_gaussian_control_is_identical_in_a_fresh_process(tmp_path: Path) -> None:
     code = ("import torch; from etf_hf.controls import control_frame; "
             f"torch.save(control_frame(8, 40, 'gaussian', seed=11), {str(tmp_path / 'frame.pt')!r})")
@@ -111,6 +113,7 @@ def test_unknown_basis_error_lists_the_controls() -> None:
         control_frame(4, 8, "frozen")
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_a_gaussian_control_checkpoint_loads_without_etf_hf(tmp_path: Path) -> None:
     """The generated remote code carries the control math too, so a control checkpoint is self-contained."""
     model = patch(tiny_vit(), ETFConfig(basis="gaussian")).eval()
@@ -118,13 +121,12 @@ def test_a_gaussian_control_checkpoint_loads_without_etf_hf(tmp_path: Path) -> N
     model.save_pretrained(tmp_path / "ckpt")
     torch.save(pixels, tmp_path / "pixels.pt")
     code = f"""
-import sys; sys.modules['etf_hf'] = None
 import torch
 from transformers import AutoModelForImageClassification
 model = AutoModelForImageClassification.from_pretrained({str(tmp_path / 'ckpt')!r}, trust_remote_code=True).eval()
 with torch.no_grad():
     torch.save(model(pixel_values=torch.load({str(tmp_path / 'pixels.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = run_python(code, without_etf_hf=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "out.pt"), logits(model, {"pixel_values": pixels}))

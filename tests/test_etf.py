@@ -59,6 +59,7 @@ def test_seed_determines_the_frame() -> None:
     assert len({slot_seed(0, "1:up:fc1"), slot_seed(0, "2:up:fc1"), slot_seed(1, "1:up:fc1")}) == 3
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_same_frame_in_a_fresh_process() -> None:
     code = ("import torch; from etf_hf.etf import simplex_etf; "
             "print(repr(simplex_etf(16, 64, 'orthogonal', seed=11, dtype=torch.float64).sum(0).tolist()))")

@@ -1,12 +1,14 @@
 """Hub-ready checkpoints: compact/dense storage, loading without the plugin, materialize, push_to_hub."""
 from __future__ import annotations
 
-import subprocess
+import ast
+import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
@@ -16,6 +18,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForImageClassification,
 import etf_hf
 from etf_hf import ETFConfig, etf_layers, materialize, patch
 from etf_hf.hub import _FOOTER_MARKER, REMOTE_CODE_FILE
+from isolated import run_python
 from tiny_models import tiny_bert, tiny_gpt2, tiny_vit, token_batch
 
 
@@ -67,11 +70,6 @@ def test_gpt2_small_compact_checkpoint_is_at_most_56_percent_of_vanilla(tmp_path
     assert compact_size <= 0.56 * vanilla_size, (compact_size, vanilla_size)
 
 
-def _run_without_etf_hf(code: str) -> subprocess.CompletedProcess:
-    blocker = "import sys; sys.modules['etf_hf'] = None\n"
-    return subprocess.run([sys.executable, "-c", blocker + code], capture_output=True, text=True, timeout=300)
-
-
 REMOTE_CASES = {
     "gpt2": (lambda: patch(tiny_gpt2(), ETFConfig(basis="orthogonal")), "AutoModelForCausalLM",
              lambda: {"input_ids": token_batch()}),
@@ -85,6 +83,29 @@ REMOTE_CASES = {
 }
 
 
+@pytest.mark.parametrize("case", sorted(REMOTE_CASES))
+def test_remote_code_rebuilds_the_model_and_imports_nothing_from_etf_hf(case: str, tmp_path: Path, monkeypatch) -> None:
+    """The generated file, imported in this process as a module of its own, rebuilds the model, and names
+    etf_hf in no import. (Here the Auto classes would pick etf_hf's own classes, which are registered: the
+    slow test below loads through them where etf_hf cannot be imported at all.)"""
+    build, _, make_inputs = REMOTE_CASES[case]
+    model = build()
+    inputs = make_inputs()
+    model.save_pretrained(tmp_path)
+    source = (tmp_path / REMOTE_CODE_FILE).read_text()
+    imports = [node for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert imports and not [ast.unparse(node) for node in imports if "etf_hf" in ast.unparse(node)]
+    spec = importlib.util.spec_from_file_location(f"remote_code_{case.replace('-', '_')}", tmp_path / REMOTE_CODE_FILE)
+    remote = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, remote)  # dataclasses look their module up there
+    spec.loader.exec_module(remote)
+    loaded = getattr(remote, type(model).__name__).from_pretrained(tmp_path)
+    assert type(loaded).__module__ == remote.__name__
+    assert torch.equal(logits(loaded, **inputs), logits(model, **inputs))
+    assert type(transformers.AutoConfig.from_pretrained(tmp_path)).__module__.startswith("etf_hf")  # left as it was
+
+
+@pytest.mark.slow  # a fresh Python process
 @pytest.mark.parametrize("case", sorted(REMOTE_CASES))
 def test_loads_without_etf_hf_through_remote_code(case: str, tmp_path: Path) -> None:
     build, auto_class, make_inputs = REMOTE_CASES[case]
@@ -101,33 +122,44 @@ assert type(model).__module__.startswith("transformers_modules"), type(model).__
 with torch.no_grad():
     torch.save(model(**torch.load({str(tmp_path / 'inputs.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
 """
-    result = _run_without_etf_hf(code)
+    result = run_python(code, without_etf_hf=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "out.pt"), logits(model, **inputs))
 
 
-def test_materialize_returns_the_vanilla_model_with_identical_outputs(tmp_path: Path) -> None:
+def _materialized() -> tuple[GPT2LMHeadModel, torch.Tensor, torch.Tensor]:
+    """A patched GPT-2 with non-unit gains, materialized; with an input batch and the patched model's logits."""
     model = patch(tiny_gpt2(), ETFConfig(basis="orthogonal"))
     with torch.no_grad():
         for _, layer in etf_layers(model):
             layer.frame_norm.mul_(1.5)
     x = token_batch()
     expected = logits(model, input_ids=x)
-    vanilla = materialize(model)
+    return materialize(model), x, expected
+
+
+def test_materialize_returns_the_vanilla_model_with_identical_outputs() -> None:
+    vanilla, x, expected = _materialized()
     assert type(vanilla) is GPT2LMHeadModel and vanilla.config.model_type == "gpt2"
     assert not etf_layers(vanilla) and not hasattr(vanilla.config, "etf")
     assert type(vanilla.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
     assert torch.allclose(logits(vanilla, input_ids=x), expected, atol=1e-5)
     assert all(p.requires_grad for p in vanilla.parameters())
+
+
+@pytest.mark.slow  # a fresh Python process
+def test_materialized_checkpoint_loads_without_etf_hf(tmp_path: Path) -> None:
+    vanilla, x, _ = _materialized()
     vanilla.save_pretrained(tmp_path)
+    assert not (tmp_path / REMOTE_CODE_FILE).exists()
     torch.save(x, tmp_path / "x.pt")
-    result = _run_without_etf_hf(f"""
+    result = run_python(f"""
 import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}).eval()
 with torch.no_grad():
     torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
-""")
+""", without_etf_hf=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "out.pt"), logits(vanilla, input_ids=x))
 
@@ -162,7 +194,7 @@ def test_push_to_hub_uploads_the_save_folder_and_a_model_card(monkeypatch, tmp_p
     assert set(files) == {p.name for p in tmp_path.iterdir()}
     assert {"config.json", "model.safetensors", REMOTE_CODE_FILE, "README.md"} <= set(files)
     card = files["README.md"].decode()
-    metadata = yaml.safe_load(card.split("---")[1])
+    metadata = card_metadata(card)
     assert {"etf", "neural-collapse"} <= set(metadata["tags"])
     assert metadata["base_model"] == "openai-community/gpt2" and metadata["library_name"] == "transformers"
     summary = etf_hf.parameter_summary(model)
@@ -170,10 +202,53 @@ def test_push_to_hub_uploads_the_save_folder_and_a_model_card(monkeypatch, tmp_p
     assert '"basis": "orthogonal"' in card and "trust_remote_code=True" in card and "materialize" in card
 
 
-def test_user_readme_is_not_overwritten(tmp_path: Path) -> None:
-    (tmp_path / "README.md").write_text("my own card")
-    patch(tiny_gpt2()).save_pretrained(tmp_path)
-    assert (tmp_path / "README.md").read_text() == "my own card"
+def card_metadata(card: str) -> dict:
+    return yaml.safe_load(card.split("---")[1])
+
+
+def test_a_users_own_card_keeps_its_text_and_gains_the_etf_section_once(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# My model\n\nmy own words\n")
+    model = patch(tiny_gpt2())
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert card_metadata(card)["license"] == "mit" and "etf" in card_metadata(card)["tags"]
+    assert card.index("# My model") < card.index("my own words") < card.index("Fixed simplex-ETF")
+    assert card.count("Fixed simplex-ETF") == 1 and card.count("trust_remote_code=True") == 1
+
+
+def test_trainer_push_to_hub_card_has_the_etf_tags_and_a_later_save_adds_the_etf_section(
+        monkeypatch, tmp_path: Path) -> None:
+    """The real `Trainer.push_to_hub` (no network: repo creation and the upload are intercepted) replaces the
+    folder's card with its own; the model's tags (`add_model_tags` at patch time) reach it, and the next
+    `save_model` adds the ETF section to that card instead of keeping it as it is."""
+    from transformers import Trainer, TrainingArguments
+
+    class Repo:
+        repo_id = "someone/etf-gpt2"
+
+    uploaded = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: Repo())
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, folder_path, **kw: uploaded.update(
+        card=(Path(folder_path) / "README.md").read_text()))
+    model = patch(tiny_gpt2(), ETFConfig(basis="orthogonal"))
+    assert set(etf_hf.hub.MODEL_TAGS) <= set(model.model_tags)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no")
+    trainer = Trainer(model=model, args=args)
+    trainer.push_to_hub()
+    assert "Fixed simplex-ETF" not in uploaded["card"]  # the Trainer's own card (see README: push_to_hub)
+    assert {"etf", "neural-collapse", "etf_hf"} <= set(card_metadata(uploaded["card"])["tags"])
+    trainer.save_model()
+    card = (tmp_path / "README.md").read_text()
+    assert uploaded["card"].split("---", 2)[2].strip()[:200] in card  # the Trainer's text is kept
+    assert card.count("Fixed simplex-ETF") == 1 and "trust_remote_code=True" in card
+    assert '"basis": "orthogonal"' in card and "generated_from_trainer" in card_metadata(card)["tags"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.etf == model.config.etf
+
+
+def test_materialized_model_loses_the_etf_tags() -> None:
+    model = materialize(patch(tiny_gpt2()))
+    assert not set(etf_hf.hub.MODEL_TAGS) & set(model.model_tags or ())
 
 
 def test_shape_mismatch_in_checkpoint_is_an_error(tmp_path: Path) -> None:
@@ -217,6 +292,7 @@ def test_bf16_round_trip_keeps_the_frame_up_to_bf16_rounding(basis: str, tmp_pat
         assert torch.equal(layer.frame_norm, gains[name].to(torch.bfloat16)), name
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_mlp_checkpoint_saved_again_without_etf_hf_stays_self_contained(tmp_path: Path) -> None:
     """A model loaded through remote code regenerates the file from itself: the MLP classes it defines
     are neither imported from etf_hf nor inlined twice."""
@@ -224,7 +300,7 @@ def test_mlp_checkpoint_saved_again_without_etf_hf_stays_self_contained(tmp_path
     inputs = torch.randn(4, 784)
     model.save_pretrained(tmp_path / "first")
     torch.save(inputs, tmp_path / "inputs.pt")
-    result = _run_without_etf_hf(f"""
+    result = run_python(f"""
 import torch
 from transformers import AutoModelForImageClassification as Auto
 first = Auto.from_pretrained({str(tmp_path / 'first')!r}, trust_remote_code=True)
@@ -232,7 +308,7 @@ first.save_pretrained({str(tmp_path / 'second')!r})
 second = Auto.from_pretrained({str(tmp_path / 'second')!r}, trust_remote_code=True).eval()
 with torch.no_grad():
     torch.save(second(pixel_values=torch.load({str(tmp_path / 'inputs.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
-""")
+""", without_etf_hf=True)
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = ((tmp_path / name / REMOTE_CODE_FILE).read_text() for name in ("first", "second"))
     assert second == first and second.count("class MLPForImageClassification(") == 1

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import pickle
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForImageClas
                           AutoModelForSequenceClassification)
 
 from etf_hf import ETFConfig, etf_layers, patch
+from isolated import run_python
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_vit, token_batch
 
 CASES = {
@@ -86,11 +86,7 @@ def test_canonical_frames_are_not_shared_tensors(tmp_path: Path) -> None:
     assert (tmp_path / "model.safetensors").exists()
 
 
-def _run_without_etf_hf(code: str) -> subprocess.CompletedProcess:
-    blocker = "import sys; sys.modules['etf_hf'] = None\n"
-    return subprocess.run([sys.executable, "-c", blocker + code], capture_output=True, text=True, timeout=300)
-
-
+@pytest.mark.slow  # a fresh Python process
 def test_vanilla_auto_class_refuses_an_etf_checkpoint(tmp_path: Path) -> None:
     """Trap: a checkpoint keeping model_type gpt2 would load in vanilla transformers with random MLPs.
     The etf_gpt2 type (and the shipped remote code) make the Auto classes raise instead, asking for
@@ -98,22 +94,23 @@ def test_vanilla_auto_class_refuses_an_etf_checkpoint(tmp_path: Path) -> None:
     patch(tiny_gpt2()).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "etf_gpt2"
     load = f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({str(tmp_path)!r})"
-    result = _run_without_etf_hf(load)
+    result = run_python(load, without_etf_hf=True)
     assert result.returncode != 0 and "trust_remote_code=True" in result.stderr
     config = json.loads((tmp_path / "config.json").read_text())
     del config["auto_map"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    result = _run_without_etf_hf(load)
+    result = run_python(load, without_etf_hf=True)
     assert result.returncode != 0 and "etf_gpt2" in result.stderr
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_explicit_vanilla_class_loudly_reports_the_missing_ffn(tmp_path: Path) -> None:
     """GPT2LMHeadModel.from_pretrained on an ETF checkpoint cannot be exact (the compact checkpoint has no
     dense FFN weights); transformers must at least report the model-type mismatch and every missing
     FFN weight. This pins that the report stays loud."""
     patch(tiny_gpt2()).save_pretrained(tmp_path)
-    result = _run_without_etf_hf(
-        f"from transformers import GPT2LMHeadModel\nGPT2LMHeadModel.from_pretrained({str(tmp_path)!r})")
+    result = run_python(f"from transformers import GPT2LMHeadModel\nGPT2LMHeadModel.from_pretrained({str(tmp_path)!r})",
+                        without_etf_hf=True)
     report = result.stdout + result.stderr
     assert "etf_gpt2" in report
     assert "mlp.c_fc.weight" in report and "MISSING" in report
@@ -174,3 +171,41 @@ def test_version_1_checkpoint_still_loads(tmp_path: Path) -> None:
     assert ETFConfig.from_dict(loaded.config.etf) == ETFConfig.from_dict(model.config.etf)
     assert loaded.config.etf["format_version"] == 2 and not loaded.config.etf["head"]
     assert torch.equal(outputs(loaded, inputs), outputs(model, inputs))
+
+
+@pytest.mark.slow  # fresh Python processes: what `import etf_hf` imports, in both import orders
+@pytest.mark.parametrize("transformers_first", [False, True])
+def test_import_etf_hf_is_light_and_enough_to_load_an_etf_checkpoint(transformers_first: bool, tmp_path: Path) -> None:
+    """``import etf_hf`` imports neither torch nor transformers, yet an ETF checkpoint then loads through the
+    Auto classes (ETF config types announced when transformers loads AutoConfig, model classes on first use)."""
+    model = patch(tiny_vit(), ETFConfig(basis="orthogonal"))
+    model.save_pretrained(tmp_path)
+    inputs = {"pixel_values": torch.randn(2, 1, 28, 28)}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    first = "from transformers import AutoConfig\nimport etf_hf" if transformers_first else """import sys, etf_hf
+assert not {"torch", "transformers"} & set(sys.modules), sorted({"torch", "transformers"} & set(sys.modules))"""
+    result = run_python(f"""{first}
+import torch
+from transformers import AutoModelForImageClassification
+model = AutoModelForImageClassification.from_pretrained({str(tmp_path)!r}).eval()
+assert type(model).__module__ == "etf_hf.modeling_etf", type(model)
+with torch.no_grad():
+    torch.save(model(**torch.load({str(tmp_path / 'inputs.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
+""")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), outputs(model.eval(), inputs))
+
+
+def test_etf_classes_pickle_by_name_even_before_first_use() -> None:
+    """Unpickling finds a generated class by module and name; one no code has asked for yet is made then."""
+    import etf_hf.configuration_etf
+    import etf_hf.modeling_etf
+    from transformers import AutoModelForTokenClassification
+
+    model_class = etf_hf.modeling_etf.ETFRobertaForTokenClassification
+    config_class = etf_hf.configuration_etf.ETFRobertaConfig
+    assert pickle.loads(pickle.dumps(model_class)) is model_class
+    assert pickle.loads(pickle.dumps(config_class)) is config_class
+    assert AutoModelForTokenClassification._model_mapping[config_class] is model_class
+    with pytest.raises(AttributeError):
+        etf_hf.modeling_etf.ETFNoSuchModel

@@ -233,6 +233,7 @@ def test_golden_values_pin_the_seeded_plan() -> None:
     assert torch.allclose(frame[0, :4], torch.tensor(golden, dtype=torch.float64), atol=1e-12)
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_same_frame_in_a_fresh_process() -> None:
     code = ("import torch; from etf_hf.etf import structured_plan, simplex_etf; "
             "p = structured_plan(768, 3072, seed=11); "

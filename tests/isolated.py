@@ -1,0 +1,15 @@
+"""Python code run in a fresh process: what only a new interpreter shows (import cost, import order),
+and loading where etf_hf cannot be imported at all (as in a user's environment without the plugin)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+#: Makes ``import etf_hf`` raise ImportError, as if the package were not installed.
+_BLOCK_ETF_HF = "import sys; sys.modules['etf_hf'] = None\n"
+
+
+def run_python(code: str, without_etf_hf: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -c code``; returns the finished process (stdout/stderr captured as text)."""
+    source = (_BLOCK_ETF_HF if without_etf_hf else "") + code
+    return subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, timeout=timeout)
