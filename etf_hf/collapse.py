@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from transformers import default_data_collator
 
 from .architectures import model_architecture
-from .metrics import CollapseStatistics, NearestClassMeanAccuracy, ReduceFn
+from .metrics import CollapseStatistics, NearestClassMeanAccuracy, ReduceFn, collapse_passes
 
 POOLINGS = ("auto", "cls", "last", "mean", "flat")
 
@@ -165,26 +165,9 @@ def collapse_report(
     model.eval()
     try:
         with torch.no_grad():
-            statistics: list[CollapseStatistics] = []
-            for batch in batches:
-                features, labels = _block_features(model, batch, label_key, pooling, device)
-                if not statistics:
-                    statistics = [CollapseStatistics(num_classes, f.shape[-1], device) for f in features]
-                for stats, f in zip(statistics, features):
-                    stats.update(f, labels)
-            if not statistics:
-                raise ValueError("collapse_report: the data yielded no batch")
-            if reduce_fn is not None:
-                for stats in statistics:
-                    stats.reduce(reduce_fn)
-            accuracies = [NearestClassMeanAccuracy(stats.class_means()) for stats in statistics]
-            for batch in batches:
-                features, labels = _block_features(model, batch, label_key, pooling, device)
-                for accuracy, f in zip(accuracies, features):
-                    accuracy.update(f, labels)
-            if reduce_fn is not None:
-                for accuracy in accuracies:
-                    accuracy.reduce(reduce_fn)
+            statistics, accuracies = collapse_passes(
+                lambda: (_block_features(model, batch, label_key, pooling, device) for batch in batches),
+                num_classes, device, reduce_fn)
     finally:
         model.train(was_training)
     return CollapseReport.from_measures(statistics, accuracies, threshold)
@@ -192,13 +175,11 @@ def collapse_report(
 
 def plot_collapse(report: CollapseReport, path: str | Path, title: str | None = None) -> Path:
     """PNG of NCC accuracy (with the threshold and the effective depth) and NC1 (log scale) per block."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plotting import new_figure, save_figure
 
     layers = [row["layer"] for row in report.rows]
-    figure, (ncc_axis, nc1_axis) = plt.subplots(1, 2, figsize=(9, 3.5))
+    figure = new_figure(9, 3.5, dpi=120)
+    ncc_axis, nc1_axis = figure.subplots(1, 2)
     ncc_axis.plot(layers, report.ncc, marker="o")
     ncc_axis.axhline(report.threshold, color="grey", linestyle="--", label=f"threshold {report.threshold}")
     if report.effective_depth is not None:
@@ -213,9 +194,4 @@ def plot_collapse(report: CollapseReport, path: str | Path, title: str | None = 
         axis.set_xticks(layers)
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

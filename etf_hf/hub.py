@@ -58,38 +58,32 @@ def _used_names(statement: ast.stmt) -> set[str]:
 _LIBRARY_ONLY_METHODS = {"ETFModelMixin": {"save_pretrained", "push_to_hub"}}
 
 
-class _ForRemoteCode(ast.NodeTransformer):
-    """What the generated file does not need: docstrings, function annotations (``from __future__ import
-    annotations`` keeps them unevaluated anyway; dataclass fields keep theirs) and library-only methods."""
-
-    def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.AST:
-        node.returns = None
-        for argument in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs, node.args.vararg,
-                         node.args.kwarg):
-            if argument is not None:
-                argument.annotation = None
-        return self._body(node)
-
-    visit_FunctionDef = visit_AsyncFunctionDef = _function
-
-    def visit_ClassDef(self, node: ast.ClassDef) -> ast.AST:
-        dropped = _LIBRARY_ONLY_METHODS.get(node.name, set())
-        node.body = [item for item in node.body if getattr(item, "name", None) not in dropped]
-        return self._body(node)
-
-    def _body(self, node):
-        self.generic_visit(node)
-        first = node.body[0] if node.body else None
-        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
-            node.body = node.body[1:]
-        node.body = node.body or [ast.Pass()]
-        return node
+def _without_docstring(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> None:
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        node.body = node.body[1:] or [ast.Pass()]
 
 
 def _for_remote_code(statement: ast.stmt) -> ast.stmt:
-    if isinstance(statement, ast.AnnAssign) and statement.value is not None:  # a module constant's annotation
-        statement = ast.Assign(targets=[statement.target], value=statement.value, lineno=statement.lineno)
-    return _ForRemoteCode().visit(statement)
+    """What the generated file does not need: docstrings and function annotations (``from __future__ import
+    annotations`` keeps them unevaluated anyway; dataclass fields keep theirs, module constants lose
+    theirs), and `_LIBRARY_ONLY_METHODS`. Only top-level definitions and their methods are edited."""
+    if isinstance(statement, ast.AnnAssign) and statement.value is not None:
+        return ast.Assign(targets=[statement.target], value=statement.value, lineno=statement.lineno)
+    functions = [statement] if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef)) else []
+    if isinstance(statement, ast.ClassDef):
+        dropped = _LIBRARY_ONLY_METHODS.get(statement.name, set())
+        statement.body = [item for item in statement.body if getattr(item, "name", None) not in dropped]
+        _without_docstring(statement)
+        functions = [item for item in statement.body if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    for function in functions:
+        function.returns = None
+        arguments = function.args
+        for argument in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs, arguments.vararg, arguments.kwarg):
+            if argument is not None:
+                argument.annotation = None
+        _without_docstring(function)
+    return statement
 
 
 def _module_statements(relative_path: str) -> list[ast.stmt]:
@@ -214,16 +208,20 @@ def auto_classes() -> tuple[type, ...]:
 
 def auto_map(model) -> dict[str, str]:
     """``config.auto_map`` entries: AutoConfig and every Auto class that maps to the model's vanilla class."""
+    return dict(_auto_map(type(model.config), etf_class_name(model), model.etf_vanilla_class))
+
+
+@functools.cache
+def _auto_map(config_class: type, model_class_name: str, vanilla_model: type) -> tuple[tuple[str, str], ...]:
     module = REMOTE_CODE_FILE.removesuffix(".py")
-    entries = {"AutoConfig": f"{module}.{type(model.config).__name__}"}
-    vanilla_config = type(model.config).etf_vanilla_class
+    entries = [("AutoConfig", f"{module}.{config_class.__name__}")]
     for auto_class in auto_classes():
         try:
-            if auto_class._model_mapping[vanilla_config] is model.etf_vanilla_class:
-                entries[auto_class.__name__] = f"{module}.{etf_class_name(model)}"
+            if auto_class._model_mapping[config_class.etf_vanilla_class] is vanilla_model:
+                entries.append((auto_class.__name__, f"{module}.{model_class_name}"))
         except (KeyError, ValueError):
             continue
-    return entries
+    return tuple(entries)
 
 
 def _hub_model_id(name_or_path: str) -> str | None:

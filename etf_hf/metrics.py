@@ -50,7 +50,7 @@ of range, a wrong feature dimension, a class with no samples -- raises ValueErro
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +351,46 @@ class NearestClassMeanAccuracy:
         return correct / total
 
 
+#: Per-block features and labels of one batch.
+BlockBatch = tuple[Sequence[torch.Tensor], torch.Tensor]
+
+
+def collapse_passes(
+    read: Callable[[], Iterable[BlockBatch]],
+    num_classes: int,
+    device: torch.device | str | None = None,
+    reduce_fn: ReduceFn | None = None,
+    dims: Sequence[int] | None = None,
+) -> tuple[list[CollapseStatistics], list[NearestClassMeanAccuracy]]:
+    """The two passes every collapse measurement makes, for any number of blocks at once.
+
+    ``read()`` yields (features per block, labels) batches and is called once per pass: the first pass
+    accumulates each block's class statistics; NCC accuracy needs the *final* class means, so the second
+    pass reads the data again. With ``reduce_fn`` (a sum all-reduce) each rank streams its own shard and
+    both passes are of the union. Statistics live on ``device`` (default: the first batch's features'), one
+    per block of the first batch, or of ``dims`` (each block's feature dimension) when given.
+    """
+    statistics = [CollapseStatistics(num_classes, dim, device or "cpu") for dim in dims or ()]
+    for features, labels in read():
+        if not statistics:
+            statistics = [CollapseStatistics(num_classes, f.shape[-1], device or f.device) for f in features]
+        for block, f in zip(statistics, features):
+            block.update(f, labels)
+    if not statistics:
+        raise ValueError("the data yielded no batch: collapse needs at least one")
+    if reduce_fn is not None:
+        for block in statistics:
+            block.reduce(reduce_fn)
+    accuracies = [NearestClassMeanAccuracy(block.class_means()) for block in statistics]
+    for features, labels in read():
+        for accuracy, f in zip(accuracies, features):
+            accuracy.update(f, labels)
+    if reduce_fn is not None:
+        for accuracy in accuracies:
+            accuracy.reduce(reduce_fn)
+    return statistics, accuracies
+
+
 def measure_collapse(
     batches: Iterable[tuple[Any, Any]],
     num_classes: int,
@@ -359,8 +399,8 @@ def measure_collapse(
     device: torch.device | str = "cpu",
     reduce_fn: ReduceFn | None = None,
 ) -> dict[str, float]:
-    """Both passes over (features, labels) `batches`: every measure of `CollapseStatistics.compute`
-    plus ``ncc_accuracy``.
+    """Both passes (`collapse_passes`) over (features, labels) `batches` of one block: every measure of
+    `CollapseStatistics.compute` plus ``ncc_accuracy``.
 
     `batches` is iterated twice, so it must be re-iterable (a list, a DataLoader), not a generator.
     With `reduce_fn` (e.g. torch.distributed.all_reduce) each rank streams its own shard and every
@@ -370,16 +410,8 @@ def measure_collapse(
         raise ValueError(
             "batches is a one-shot iterator, but NCC accuracy needs a second pass: pass a list or DataLoader"
         )
-    statistics = CollapseStatistics(num_classes, dim, device)
-    for features, labels in batches:
-        statistics.update(features, labels)
-    if reduce_fn is not None:
-        statistics.reduce(reduce_fn)
-    accuracy = NearestClassMeanAccuracy(statistics.class_means())
-    for features, labels in batches:
-        accuracy.update(features, labels)
-    if reduce_fn is not None:
-        accuracy.reduce(reduce_fn)
+    (statistics,), (accuracy,) = collapse_passes(lambda: (([features], labels) for features, labels in batches),
+                                                 num_classes, device, reduce_fn, dims=[dim])
     return {**statistics.compute(classifier), "ncc_accuracy": accuracy.compute()}
 
 

@@ -9,14 +9,12 @@
 Why two hooks into the Trainer: ``preprocess_logits_for_metrics`` runs on every evaluation batch, before
 the Trainer gathers or stores anything, so it pools each block's hidden states there (CLS, last non-pad
 token, mean or flat, as `collapse_report` does): the full (batch, tokens, dim) hidden states are never
-accumulated, only one vector per example and block. ``compute_metrics`` then folds each batch into a
-float64 `CollapseStatistics` per block. With ``batch_eval_metrics=True`` the Trainer calls it per batch
-(``compute_result`` is True on the last); without, once with the whole evaluation's pooled features. Either
-way the numbers equal `collapse_report` on the same data.
-
-Why pooled features are kept until the end: NCC accuracy is an argmin against the *final* class means, so it
-needs a second look at every example (see `etf_hf.metrics`); the pooled vectors (N x dim per block, in their
-own dtype, on the CPU) are that second look. The other measures stream in O(K dim + dim^2) per block.
+accumulated, only one vector per example and block. ``compute_metrics`` keeps each batch's pooled vectors
+(N x dim per block, in their own dtype, on the CPU). With ``batch_eval_metrics=True`` the Trainer calls it
+per batch (``compute_result`` is True on the last); without, once with the whole evaluation's pooled
+features. At the end the kept vectors go through the same two passes as `collapse_report`
+(`etf_hf.metrics.collapse_passes`: NCC accuracy is an argmin against the *final* class means, so it needs a
+second look at every example), so the numbers equal `collapse_report` on the same data.
 
 Why a forward pre-hook on the model: the Trainer hands ``preprocess_logits_for_metrics`` only the outputs
 and labels, but pooling the last or mean token needs the batch's ``attention_mask``, and the model must
@@ -30,12 +28,23 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import EvalPrediction
 
 from .collapse import CollapseReport, pool_blocks, resolve_pooling
-from .metrics import CollapseStatistics, NearestClassMeanAccuracy
+from .metrics import collapse_passes
+
+
+def accuracy(eval_prediction: EvalPrediction) -> dict[str, float]:
+    """A Trainer ``compute_metrics``: the share of examples whose logits' argmax is the label.
+
+    The logits are the first element when the model returns a tuple (extra outputs kept for metrics).
+    """
+    logits = eval_prediction.predictions
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {"accuracy": float((np.argmax(logits, axis=-1) == eval_prediction.label_ids).mean())}
 
 
 class CollapseMetrics:
@@ -69,9 +78,7 @@ class CollapseMetrics:
         self._hook.remove()
 
     def _reset(self) -> None:
-        self._statistics: list[CollapseStatistics] = []
-        self._features: list[list[torch.Tensor]] = []  # per block, the pooled batches for the NCC pass
-        self._labels: list[torch.Tensor] = []
+        self._batches: list[tuple[list[torch.Tensor], torch.Tensor]] = []  # pooled features per block, labels
         self._correct = self._total = 0
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
@@ -124,26 +131,15 @@ class CollapseMetrics:
         if labels.dim() != 1:
             raise ValueError(f"labels of shape {tuple(labels.shape)}: collapse needs one class index per example "
                              "(a classification head), not per token")
-        if not self._statistics:
-            self._statistics = [CollapseStatistics(self.num_classes, f.shape[-1], f.device) for f in features]
-            self._features = [[] for _ in features]
-        for statistics, stored, block in zip(self._statistics, self._features, features):
-            statistics.update(block, labels)
-            stored.append(block.cpu())
-        self._labels.append(labels.cpu())
+        self._batches.append(([block.cpu() for block in features], labels.cpu()))
         self._correct += int((predicted.to(labels.device) == labels).sum())
         self._total += labels.numel()
 
     def _compute(self) -> dict[str, float]:
-        if not self._statistics:
+        if not self._batches:
             raise ValueError("no evaluation batch reached CollapseMetrics")
-        accuracies = []
-        for statistics, batches in zip(self._statistics, self._features):
-            accuracy = NearestClassMeanAccuracy(statistics.class_means().cpu())
-            for block, labels in zip(batches, self._labels):
-                accuracy.update(block, labels)
-            accuracies.append(accuracy)
-        self.report = CollapseReport.from_measures(self._statistics, accuracies, self.threshold)
+        statistics, accuracies = collapse_passes(lambda: self._batches, self.num_classes)
+        self.report = CollapseReport.from_measures(statistics, accuracies, self.threshold)
         result = {"accuracy": self._correct / self._total}
         for row in self.report.rows:
             result.update({f"{key}/layer_{row['layer']}": value for key, value in row.items() if key != "layer"})

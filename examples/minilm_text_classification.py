@@ -17,11 +17,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never try the network
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments  # noqa: E402
 
 import etf_hf  # noqa: E402
+from etf_hf.trainer_metrics import accuracy  # noqa: E402
 
 TREC6 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "trec6"
 LABELS = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
@@ -52,9 +52,6 @@ class Encoded(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {**{key: value[index] for key, value in self.features.items()}, "labels": self.labels[index]}
 
-
-def accuracy(prediction) -> dict[str, float]:
-    return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
 import etf_hf
+from etf_hf.trainer_metrics import accuracy
 
 FASHION = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion_mnist"
 
@@ -51,9 +52,6 @@ class Images(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.pixels[index], "labels": self.labels[index]}
 
-
-def accuracy(prediction) -> dict[str, float]:
-    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
 
 
 def main() -> None:

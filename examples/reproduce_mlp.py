@@ -30,6 +30,7 @@ import yaml
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import etf_hf
+from etf_hf.trainer_metrics import accuracy
 from etf_hf import AdaptiveETFCallback, CollapseMLPConfig, ETFConfig, MLPForImageClassification, collapse_report
 from etf_hf.controls import CONTROL_BASES
 from etf_hf.app.report import format_interval, paired_interval
@@ -122,9 +123,6 @@ class NCCMonitor(TrainerCallback):
         report = collapse_report(model, self.probe, batch_size=512)
         self.history.append({"step": state.global_step, "epoch": state.epoch, "ncc": report.ncc})
 
-
-def accuracy(prediction: transformers.EvalPrediction) -> dict[str, float]:
-    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
 
 
 def train_one(mode: dict[str, Any], seed: int, config: dict[str, Any], datasets: dict[str, Any],
@@ -228,12 +226,10 @@ def paired_table(results: dict[str, list[dict[str, Any]]], modes: list[dict[str,
 
 
 def plot_ncc_curves(results: dict[str, list[dict[str, Any]]], path: Path, threshold: float | None) -> Path:
-    import matplotlib
+    from etf_hf.plotting import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.4), sharey=True, squeeze=False)
+    figure = new_figure(4 * len(results), 3.4, dpi=120)
+    axes = figure.subplots(1, len(results), sharey=True, squeeze=False)
     for axis, (name, runs) in zip(axes[0], results.items()):
         history = runs[0]["ncc_history"]
         epochs = [entry["epoch"] for entry in history]
@@ -246,10 +242,7 @@ def plot_ncc_curves(results: dict[str, list[dict[str, Any]]], path: Path, thresh
         axis.set(title=f"{name} (seed {runs[0]['seed']})", xlabel="epoch")
     axes[0][0].set_ylabel("NCC accuracy (train probe)")
     axes[0][-1].legend(loc="lower right", fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def set_key(config: dict[str, Any], assignment: str) -> None:

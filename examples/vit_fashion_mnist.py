@@ -21,6 +21,7 @@ import torch
 from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
 
 import etf_hf
+from etf_hf.trainer_metrics import accuracy
 from etf_hf.controls import CONTROL_BASES
 from etf_hf.app.report import format_interval, paired_interval
 
@@ -49,9 +50,6 @@ def build(seed: int, mode: str, args: argparse.Namespace) -> ViTForImageClassifi
         etf_hf.patch(model, etf_hf.ETFConfig(basis=mode.split("-", 1)[1], seed=seed))
     return model
 
-
-def accuracy(prediction) -> dict[str, float]:
-    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
 
 
 def run(seed: int, mode: str, train: Images, test: Images, args: argparse.Namespace) -> dict:

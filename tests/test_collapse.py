@@ -159,8 +159,14 @@ def test_rejects_unknown_pooling_and_missing_labels():
         collapse_report(model, [{"pixel_values": torch.randn(4, 784)}])
 
 
-def test_plot_collapse_writes_a_png(tmp_path):
+def test_plot_collapse_writes_a_png_and_leaves_matplotlib_as_it_was(tmp_path, monkeypatch):
+    import matplotlib
+
+    monkeypatch.setitem(matplotlib.rcParams, "backend", "svg")  # a user's own choice, which must survive
+    pyplot_figures = len(__import__("matplotlib.pyplot").pyplot.get_fignums())
     report = collapse_report(tiny_mlp(), SeparableImages(40, seed=3), threshold=0.5)
     path = plot_collapse(report, tmp_path / "plots" / "collapse.png", title="tiny MLP")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+    assert matplotlib.get_backend() == "svg"
+    assert len(__import__("matplotlib.pyplot").pyplot.get_fignums()) == pyplot_figures

@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from ..plotting import new_figure, save_figure
+
 
 def _control_bases() -> tuple[str, ...]:
     """`etf_hf.controls.CONTROL_BASES`, imported when a row is described: that module imports torch, and a
@@ -41,13 +43,6 @@ def _control_bases() -> tuple[str, ...]:
 #: TrainingArguments' default seed: the seed of a run whose recipe does not set ``training.seed``.
 DEFAULT_TRAINING_SEED = 42
 
-#: Two-sided 95 % quantiles of Student's t, t(0.975; df), for df = 1..30 (to 6 decimals).
-T_975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
-         2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
-         2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)
-_Z_975 = 1.959963984540054
-
-
 class ReportError(ValueError):
     """A problem with the run folders given to `etf-hf report`; the message names the folder and the fix."""
 
@@ -55,21 +50,6 @@ class ReportError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Statistics
 # --------------------------------------------------------------------------------------------------
-
-
-def t_quantile_975(df: int) -> float:
-    """t(0.975; df): the table for df <= 30, beyond it the Cornish-Fisher series in 1/df (error < 1e-6).
-
-    Computed here rather than with scipy, which etf_hf does not depend on.
-    """
-    if df < 1:
-        raise ValueError(f"a t quantile needs df >= 1, got {df}")
-    if df <= len(T_975):
-        return T_975[df - 1]
-    z, v = _Z_975, float(df)
-    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
-            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
 
 
 @dataclass(frozen=True)
@@ -105,7 +85,9 @@ def paired_interval(differences: Sequence[float]) -> Interval:
     n = len(differences)
     if n < 2:
         return Interval(mean, None, None, n)
-    half = t_quantile_975(n - 1) * statistics.stdev(differences) / math.sqrt(n)
+    from scipy.stats import t  # imported here: a second of import time the CLI's other paths need not pay
+
+    half = float(t.ppf(0.975, n - 1)) * statistics.stdev(differences) / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, n)
 
 
@@ -616,16 +598,6 @@ def _environment_text(runs: Sequence[Run]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _figure(size: tuple[float, float] = (6.5, 4)) -> Any:
-    """A matplotlib Figure on an Agg canvas: no pyplot, so no display or global backend is touched."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=size, dpi=100)
-    FigureCanvasAgg(figure)
-    return figure
-
-
 def _colour(index: int) -> str:
     return f"C{index % 10}"
 
@@ -634,7 +606,7 @@ def plot_loss_curves(modes: Sequence[ModeSummary], path: Path) -> Path | None:
     """Training loss per mode: each seed thin, the mean over seeds (at steps all seeds logged) bold."""
     if not any(mode.loss_curves for mode in modes):
         return None
-    figure = _figure()
+    figure = new_figure(6.5, 4)
     axes = figure.add_subplot()
     for index, mode in enumerate(modes):
         for curve in mode.loss_curves:
@@ -649,9 +621,7 @@ def plot_loss_curves(modes: Sequence[ModeSummary], path: Path) -> Path | None:
     axes.set(xlabel="optimizer step", ylabel="training loss", title="training loss per mode")
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
+    return save_figure(figure, path)
 
 
 def far_outliers(distances: dict[int, float], ratio: float = 3.0) -> set[int]:
@@ -676,7 +646,7 @@ def plot_metric(modes: Sequence[ModeSummary], metric: Metric, baseline: str, pat
     difference to the baseline with its 95 % interval — what the table's Δ column says, and what the top panel
     cannot show when modes differ by less than the seeds do. A far outlier (`far_outliers`) is drawn as an
     arrow at the panel's edge with its value written beside it, so the other modes stay readable."""
-    figure = _figure((max(4.0, 1.2 * len(modes) + 2), 7))
+    figure = new_figure(max(4.0, 1.2 * len(modes) + 2), 7)
     values_axes, delta_axes = figure.subplots(2, 1, sharex=True)
     reference = statistics.fmean(next(m for m in modes if m.name == baseline).values.values())
     means = {index: statistics.fmean(mode.values.values()) for index, mode in enumerate(modes)}
@@ -717,9 +687,7 @@ def plot_metric(modes: Sequence[ModeSummary], metric: Metric, baseline: str, pat
     delta_axes.set_title(f"paired difference to {baseline} (mean, 95 % interval{direction})", fontsize=10)
     for axes in (values_axes, delta_axes):
         axes.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
+    return save_figure(figure, path)
 
 
 def plot_ncc(modes: Sequence[ModeSummary], path: Path) -> Path | None:
@@ -727,7 +695,7 @@ def plot_ncc(modes: Sequence[ModeSummary], path: Path) -> Path | None:
     measured = [(index, mode) for index, mode in enumerate(modes) if mode.ncc]
     if not measured:
         return None
-    figure = _figure()
+    figure = new_figure(6.5, 4)
     axes = figure.add_subplot()
     for index, mode in measured:
         depth = min(len(curve) for curve in mode.ncc)
@@ -740,9 +708,7 @@ def plot_ncc(modes: Sequence[ModeSummary], path: Path) -> Path | None:
                    fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
+    return save_figure(figure, path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -485,7 +485,7 @@ def write_plots(modes: list[dict[str, Any]], run_dir: Path) -> list[Path]:
     """training_loss.png (the modes that logged a loss; none when no mode did), plus eval_<metric>.png when the
     recipe evaluated during training.
 
-    Uses matplotlib's object API (Figure + Agg canvas), not pyplot, so no display or global backend is touched.
+    Drawn with `etf_hf.plotting` (no pyplot: no display or global backend is touched).
     """
     paths = []
     if any(mode["train_loss"] for mode in modes):
@@ -497,11 +497,9 @@ def write_plots(modes: list[dict[str, Any]], run_dir: Path) -> list[Path]:
 
 
 def _line_plot(modes: list[dict[str, Any]], series: str, value: str, label: str, path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from ..plotting import new_figure, save_figure
 
-    figure = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = new_figure(6, 4)
     axes = figure.add_subplot()
     for mode in modes:
         points = mode[series]
@@ -513,9 +511,7 @@ def _line_plot(modes: list[dict[str, Any]], series: str, value: str, label: str,
     axes.set_title(f"{label} per mode")
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
+    return save_figure(figure, path)
 
 
 def format_table(modes: list[dict[str, Any]]) -> str:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..trainer_metrics import accuracy
 from .data import load_source
 from .recipe import ConfigError, expect, expect_positive_int, resolve_folder
 
@@ -125,12 +126,6 @@ class Task:
         if data.tokenizer is not None:
             kwargs["pad_token_id"] = data.tokenizer.pad_token_id
         return kwargs
-
-
-def accuracy(eval_prediction: Any) -> dict[str, float]:
-    logits, labels = eval_prediction.predictions, eval_prediction.label_ids
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
 def perplexity(loss: float) -> float:
@@ -226,13 +221,18 @@ def _no_check(data: dict[str, Any], config: Any, tokenizer: Any, where: str) -> 
 # --------------------------------------------------------------------------------------------------
 
 
+def seeded_indices(total: int, size: int | None, seed: int) -> list[int]:
+    """``size`` of the indices 0..total-1 (all when ``size`` is None or not smaller), chosen at random
+    (seeded) but kept in order: data sorted by class would lose classes to a "first N" rule. Every seeded
+    subset of the application (``max_*_samples``, NCC probe sets) is drawn here."""
+    if size is None or size >= total:
+        return list(range(total))
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:size].sort().values.tolist()
+
+
 def _subset(rows: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
-    """At most ``limit`` rows, chosen at random (seeded) but kept in their order: a file sorted by class
-    would lose classes to a "first N" rule."""
-    if limit is None or limit >= len(rows):
-        return rows
-    chosen = np.random.default_rng(seed).choice(len(rows), size=limit, replace=False)
-    return rows[np.sort(chosen)]
+    """At most ``limit`` of ``rows`` (`seeded_indices`)."""
+    return rows[seeded_indices(len(rows), limit, seed)]
 
 
 def _label_space(splits: Any, column: str) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -408,7 +408,7 @@ def _prepare_blocks(splits: Any, data: dict[str, Any], config: Any, tokenizer: A
         train, test = train[:-held_out], train[-held_out:]
     blocks = []
     for split, tensor in (("train", train), ("test", test)):
-        tensor = tensor[torch.from_numpy(_subset(np.arange(len(tensor)), data[f"max_{split}_samples"], data["seed"]))]
+        tensor = tensor[seeded_indices(len(tensor), data[f"max_{split}_samples"], data["seed"])]
         blocks.append(DictDataset({"input_ids": tensor}, tensor))
     return DataSplits(blocks[0], blocks[1], [], tokenizer)
 

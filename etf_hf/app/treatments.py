@@ -327,11 +327,12 @@ def _embeddings_to_freeze(model: torch.nn.Module, where: str) -> torch.nn.Module
 
 
 def probe_subset(train: torch.utils.data.Dataset, size: int, seed: int) -> torch.utils.data.Dataset:
-    """``size`` random training examples (seeded, kept in order): what NCC accuracy is measured on."""
+    """``size`` random training examples (`seeded_indices`): what NCC accuracy is measured on."""
+    from .tasks import seeded_indices
+
     if size >= len(train):
         return train
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:size]
-    return torch.utils.data.Subset(train, order.sort().values.tolist())
+    return torch.utils.data.Subset(train, seeded_indices(len(train), size, seed))
 
 
 def placement_data(mode: ModeSpec, pretrained: bool, train: torch.utils.data.Dataset, num_classes: int,
