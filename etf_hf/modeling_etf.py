@@ -76,9 +76,14 @@ class ETFModelMixin:
                 f"the checkpoint lacks ETF weights that cannot be regenerated: {missing[:4]}"
                 f"{' ...' if len(missing) > 4 else ''}; it is incomplete or was not written by etf_hf"
             )
-        mismatched = info.get("mismatched_keys") or []
-        if any(str(entry[0] if isinstance(entry, (tuple, list)) else entry) in stored for entry in mismatched):
-            raise OSError(f"ETF weights in the checkpoint have the wrong shape: {mismatched[:4]}")
+        # transformers raises on a shape mismatch unless told ignore_mismatched_sizes=True; then it re-initialises
+        # the weight at random, which a fixed frame must never be
+        mismatched = sorted({str(entry[0] if isinstance(entry, (tuple, list)) else entry)
+                             for entry in info.get("mismatched_keys") or ()} & stored)
+        if mismatched:
+            raise OSError(f"ETF weights in the checkpoint have the wrong shape: {mismatched[:4]}"
+                          f"{' ...' if len(mismatched) > 4 else ''}; a fixed frame cannot be re-initialised "
+                          "(ignore_mismatched_sizes=True): load the checkpoint the model was saved with")
         for _, layer in etf_layers(model):
             if not frame_is_stored(layer):
                 layer.reset_frame()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,8 +79,13 @@ def test_counters_count_consecutive_checks_and_lock_following_extends_to_the_las
 
 
 def test_invalid_settings_are_refused(tmp_path):
-    for kwargs in ({"threshold": 1.5}, {"patience": 0}, {"every": "step"}, {"every": 0}, {"basis": "random"}):
-        with pytest.raises(ValueError):
+    for kwargs, message in (({"threshold": 1.5}, "threshold=1.5: an NCC accuracy threshold lies in [0, 1]"),
+                            ({"patience": 0}, "patience=0: must be an int >= 1"),
+                            ({"every": "step"}, "every='step': use 'eval', 'epoch' or a positive number of steps"),
+                            ({"every": 0}, "every=0: use 'eval', 'epoch' or a positive number of steps"),
+                            ({"basis": "random"}, "basis='random': choose an ETF basis (canonical, orthogonal, nearest, "
+                                                  "structured) or, to lock to a control, one of gaussian, zero, frozen")):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
             AdaptiveETFCallback(**kwargs)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
                              restore_callback_states_from_checkpoint=True)

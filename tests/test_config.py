@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -16,34 +17,36 @@ def test_defaults_and_json_round_trip() -> None:
     assert ETFConfig.from_dict(data) == config
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    (dict(layers="most"), "layers"),
-    (dict(layers=7), "layers"),
-    (dict(head=1), "head"),
-    (dict(head_basis="orthogonal"), "head_basis"),
-    (dict(placement="auto"), "placement"),
-    (dict(layers="last:0"), "layers"),
-    (dict(layers=[]), "layers"),
-    (dict(layers=[-1]), "layers"),
-    (dict(layers=[1.5]), "layers"),
-    (dict(projections="middle"), "projections"),
-    (dict(basis="hadamard"), "basis"),
-    (dict(seed=-1), "seed"),
-    (dict(seed="0"), "seed"),
-    (dict(gain=0), "gain"),
-    (dict(gain="big"), "gain"),
-    (dict(gain=-1.0), "gain"),
-    (dict(gain=float("inf")), "gain"),
-    (dict(gain=float("nan")), "gain"),
-    (dict(gain=1e300), "gain"),
-    (dict(gain=10**400), "gain"),
-    (dict(trainable_gain="yes"), "trainable_gain"),
-    (dict(target_modules="mlp"), "target_modules"),
-    (dict(target_modules=["("]), "target_modules"),
-    (dict(storage="zip"), "storage"),
+@pytest.mark.parametrize("kwargs,message", [
+    # each message: the field and the bad value, what is wrong, and what to write instead
+    (dict(layers="most"), "ETFConfig.layers='most': use 'all', 'auto', 'last:N', a list of block indices"),
+    (dict(layers=7), "ETFConfig.layers must be 'all', 'auto', 'last:N', a list of ints or None, got int"),
+    (dict(head=1), "ETFConfig.head=1: must be true or false"),
+    (dict(head_basis="orthogonal"), "ETFConfig.head_basis='orthogonal' without head=True: set head=True"),
+    (dict(placement="auto"), "ETFConfig.placement must be a JSON object or null"),
+    (dict(layers="last:0"), "ETFConfig.layers='last:0' selects nothing: use 'last:N' with N >= 1"),
+    (dict(layers=[]), "ETFConfig.layers=[] fixes no FFN block: that only makes sense with head=True"),
+    (dict(layers=[-1]), "ETFConfig.layers=[-1]: block indices are 0-based and non-negative"),
+    (dict(layers=[1.5]), "ETFConfig.layers=[1.5]: a list of layers must hold block indices (ints)"),
+    (dict(projections="middle"), "ETFConfig.projections='middle': choose one of up, down, both"),
+    (dict(basis="hadamard"), "ETFConfig.basis='hadamard' is unknown: choose an ETF basis (canonical, orthogonal, "
+                             "nearest, structured) or a control (gaussian, zero, frozen)"),
+    (dict(seed=-1), "ETFConfig.seed=-1: must be a non-negative int"),
+    (dict(seed="0"), "ETFConfig.seed='0': must be a non-negative int"),
+    (dict(gain=0), "ETFConfig.gain=0 is not positive: use 'match' (the replaced weight's norm) or a finite positive number such as 1.0"),
+    (dict(gain="big"), "ETFConfig.gain='big': use 'match' or a positive number (1.0 gives unit-norm frame vectors)"),
+    (dict(gain=-1.0), "ETFConfig.gain=-1.0 is not positive: use 'match' (the replaced weight's norm) or a finite positive number such as 1.0"),
+    (dict(gain=float("inf")), "ETFConfig.gain=inf is not finite: use 'match' (the replaced weight's norm) or a finite positive number such as 1.0"),
+    (dict(gain=float("nan")), "ETFConfig.gain=nan is not finite: use 'match' (the replaced weight's norm) or a finite positive number such as 1.0"),
+    (dict(gain=1e300), "ETFConfig.gain=1e+300 does not fit in float32, the dtype gains are kept in (largest 3.4e+38)"),
+    (dict(gain=10**400), f"ETFConfig.gain={10**400} does not fit in float32"),
+    (dict(trainable_gain="yes"), "ETFConfig.trainable_gain='yes': must be true or false"),
+    (dict(target_modules="mlp"), "ETFConfig.target_modules must be a list of regular expressions (strings)"),
+    (dict(target_modules=["("]), "ETFConfig.target_modules: '(' is not a valid regex"),
+    (dict(storage="zip"), "ETFConfig.storage='zip': choose one of compact, dense"),
 ])
-def test_invalid_values_name_the_field(kwargs: dict, field: str) -> None:
-    with pytest.raises(ValueError, match=f"ETFConfig.{field}|{field}"):
+def test_invalid_values_name_the_field_and_the_fix(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
         ETFConfig(**kwargs)
 
 

@@ -114,9 +114,10 @@ def vit_task():
 TASKS = {"gpt2-shakespeare": (gpt2_task, 3e-3), "bert-trec6": (bert_task, 5e-3), "vit-fashion-mnist": (vit_task, 3e-3)}
 
 
-def test_synthetic_data_has_the_real_data_shapes():
+def test_synthetic_data_has_the_real_data_shapes(shared_data):
     """A fresh clone trains on generated data: it must have the same fields, shapes and dtypes as the real data,
-    or the Trainer tests would exercise something else there than here."""
+    or the Trainer tests would exercise something else there than here. Needs the real data (../shared/data),
+    else it would compare the generated data with itself."""
     lm_fake, vocab_fake = task_data.char_lm_dataset(num_blocks=4, block_size=32, synthetic=True)
     trec_fake, _ = task_data.trec6_dataset(limit=12, synthetic=True)
     img_fake = task_data.fashion_mnist_dataset(limit=12, synthetic=True)
@@ -127,6 +128,7 @@ def test_synthetic_data_has_the_real_data_shapes():
     real_lm, _ = task_data.char_lm_dataset(num_blocks=4, block_size=32)
     real_trec, _ = task_data.trec6_dataset(limit=12)
     real_img = task_data.fashion_mnist_dataset(limit=12)
+    assert "synthetic" not in {real_lm.source, real_trec.source, real_img.source}
     for fake, real in ((lm_fake, real_lm), (trec_fake, real_trec), (img_fake, real_img)):
         assert fake[0].keys() == real[0].keys()
         for key in fake[0]:
