@@ -184,3 +184,15 @@ def test_lock_blocks_refuses_a_different_config_or_a_bad_index() -> None:
     with pytest.raises(ValueError, match=r"block index \[7\] out of range"):
         lock_blocks(model, [7])
     assert model.config.etf["layers"] == [2]
+
+
+def test_etf_hf_patch_stays_the_function_when_the_submodule_is_bound() -> None:
+    """The package loads its names lazily; importing the ``etf_hf.patch`` submodule makes Python bind it as an
+    attribute of the package, which must not replace the function ``etf_hf.patch``."""
+    import importlib
+
+    module = importlib.import_module("etf_hf.patch")
+    setattr(etf_hf, "patch", module)  # what the import system does on a first import of the submodule
+    assert etf_hf.patch is module.patch and callable(etf_hf.patch)
+    assert set(etf_hf.__all__) <= set(dir(etf_hf))
+    assert all(getattr(etf_hf, name) is not None for name in etf_hf.__all__)
