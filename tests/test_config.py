@@ -19,8 +19,10 @@ def test_defaults_and_json_round_trip() -> None:
 
 @pytest.mark.parametrize("kwargs,message", [
     # each message: the field and the bad value, what is wrong, and what to write instead
-    (dict(layers="most"), "ETFConfig.layers='most': use 'all', 'auto', 'last:N', a list of block indices"),
-    (dict(layers=7), "ETFConfig.layers must be 'all', 'auto', 'last:N', a list of ints or None, got int"),
+    (dict(layers="most"), "ETFConfig.layers='most': use 'all', 'last:N', a list of block indices, 'auto', a mapping "
+                          "of stack -> layers (encoder-decoder models), or leave it unset for the default"),
+    (dict(layers=7), "ETFConfig.layers must be 'all', 'auto', 'last:N', a list of ints, a mapping of stack -> "
+                     "layers, or None, got int"),
     (dict(head=1), "ETFConfig.head=1: must be true or false"),
     (dict(head_basis="orthogonal"), "ETFConfig.head_basis='orthogonal' without head=True: set head=True"),
     (dict(placement="auto"), "ETFConfig.placement must be a JSON object or null"),
