@@ -17,6 +17,7 @@ import etf_hf
 from etf_hf import ETFConfig, etf_layers, patch
 from etf_hf.architectures import REGISTRY, architecture_for, find_slots, head_names, peft_targets
 from etf_hf.collapse import resolve_pooling
+from isolated import run_python
 from tiny_models import (tiny_bart, tiny_bert, tiny_clip, tiny_gpt2, tiny_llama, tiny_qwen2, tiny_roberta, tiny_t5,
                          tiny_vit, tiny_whisper, token_batch)
 
@@ -292,8 +293,6 @@ def test_one_layer_list_for_all_stacks_in_a_checkpoint_is_refused(tmp_path: Path
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["t5", "bart", "whisper", "clip", "qwen2"])
 def test_stacked_and_new_families_load_without_etf_hf_through_remote_code(family: str, tmp_path: Path) -> None:
-    from test_hub import _run_without_etf_hf
-
     if family == "qwen2":
         model, auto_class, inputs = patch(tiny_qwen2()), "AutoModelForCausalLM", {"input_ids": token_batch()}
     else:
@@ -304,7 +303,7 @@ def test_stacked_and_new_families_load_without_etf_hf_through_remote_code(family
             inputs["decoder_input_ids"] = token_batch(length=4)
     model.eval().save_pretrained(tmp_path / "ckpt")
     torch.save(inputs, tmp_path / "inputs.pt")
-    result = _run_without_etf_hf(f"""
+    result = run_python(f"""
 import torch, transformers
 model = transformers.{auto_class}.from_pretrained({str(tmp_path / 'ckpt')!r}, trust_remote_code=True).eval()
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
@@ -312,7 +311,7 @@ with torch.no_grad():
     output = model(**torch.load({str(tmp_path / 'inputs.pt')!r}))
     torch.save(output.logits if hasattr(output, "logits") else output.logits_per_image,
                {str(tmp_path / 'out.pt')!r})
-""")
+""", without_etf_hf=True)
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "out.pt"), _logits(model(**inputs)))
