@@ -239,11 +239,11 @@ def structured_blocks(dim: int) -> tuple[int, ...]:
     return tuple(1 << bit for bit in reversed(range(dim.bit_length())) if dim >> bit & 1)
 
 
-def _structured_factors(block: int) -> tuple[int, ...]:
-    """Split a power-of-two block into as few power-of-two factors <= STRUCTURED_MAX_FACTOR as possible,
-    as equal as possible (1024 -> 32 x 32, 2048 -> 64 x 32, 8192 -> 32 x 16 x 16); () for a block of 1."""
+def _structured_factors(block: int, max_factor: int = STRUCTURED_MAX_FACTOR) -> tuple[int, ...]:
+    """Split a power-of-two block into as few power-of-two factors <= max_factor as possible, as equal
+    as possible (for 64: 1024 -> 32 x 32, 2048 -> 64 x 32, 8192 -> 32 x 16 x 16); () for a block of 1."""
     bits = block.bit_length() - 1
-    max_bits = STRUCTURED_MAX_FACTOR.bit_length() - 1
+    max_bits = max_factor.bit_length() - 1
     count = -(-bits // max_bits)
     return tuple(1 << (bits // count + (i < bits % count)) for i in range(count))
 
@@ -416,21 +416,14 @@ def _helmert_apply_t(v: torch.Tensor) -> torch.Tensor:
     return tail_sums - (positions + 1) * scaled
 
 
-def structured_apply(x: torch.Tensor, plan: StructuredPlan) -> torch.Tensor:
-    """x @ M^T for the structured frame M (D x K) of ``plan``: (..., K) -> (..., D), matrix-free.
+def _reference_apply(x: torch.Tensor, plan: StructuredPlan) -> torch.Tensor:
+    """x @ M^T straight from the plan (scatter, Hadamard blocks with the plan's own factors, gather).
 
-    This is the forward of an up-projection (weight M, K = in < out = D) and the input gradient of a
-    down-projection (weight M^T). Computed in x's dtype (cast the result yourself under autocast);
-    differentiable by autograd. Cost: O(n D sum(factors)) flops, a few passes over n x D memory,
-    no D x K matrix anywhere.
+    The definition the frame values are pinned to (`structured_dense` materialises through it, so frames
+    stay bit-for-bit what every release computed); layers use the faster `structured_apply`.
     """
-    if x.shape[-1] != plan.num_vectors:
-        raise ValueError(f"structured_apply: last dim {x.shape[-1]} != K={plan.num_vectors}")
     scale = math.sqrt(plan.num_vectors / (plan.num_vectors - 1))
-    if plan.helmert:
-        inputs = _helmert_apply(x)
-    else:
-        inputs = x - x.mean(-1, keepdim=True)
+    inputs = _helmert_apply(x) if plan.helmert else x - x.mean(-1, keepdim=True)
     return _structured_rotate(inputs, plan, scale)
 
 
@@ -441,18 +434,148 @@ def _structured_rotate(inputs: torch.Tensor, plan: StructuredPlan, scale: float)
     return _structured_hadamard(z, plan).index_select(-1, plan.perm)
 
 
-def structured_apply_t(y: torch.Tensor, plan: StructuredPlan) -> torch.Tensor:
-    """y @ M for the structured frame M (D x K) of ``plan``: (..., D) -> (..., K), matrix-free.
+# ---------------------------------------------------------------------------------------------------
+# The fast transform: the same linear map as the plan, arranged for speed.
+# ---------------------------------------------------------------------------------------------------
+#
+# Activations are transformed *feature-major*, as (features, rows) matrices. Then
+#   * every gather (the input embedding, Perm_out, and their transposes) selects whole rows: a memcpy
+#     per feature, where selecting columns of a (rows, features) matrix is a strided gather (measured
+#     ~8-20x slower on CPU for 1024 x 2048 fp32);
+#   * a Hadamard block's rows are a contiguous slice, and H_b = H_f1 (x) H_f2 (x) ... (Sylvester matrices
+#     factorise over any split of the index bits, so the fast path picks its own factors) is applied as
+#     one GEMM per factor, H_f @ Z viewed as (before, f, after): no transpose between factors;
+#   * the input embedding (a scatter of the K inputs into D slots) is one row gather from the input padded
+#     with a zero row.
+# Only the narrow (K-wide) side is transposed on the way in or out; the fused FFN (`etf_hf.ffn`) keeps
+# its 4d-wide hidden activation feature-major from the up-projection to the down-projection.
+
+#: Largest Kronecker factor of the fast transform: sum(factors) multiply-adds per element in
+#: len(factors) GEMMs (2048 -> 64 x 32: 96 in 2; with 16: 16 x 16 x 8, 40 in 3). Small factors make
+#: memory-bound GEMMs; measured on the shared 2-core CPU (fp32, 2048 x 1024, one thread, loaded
+#: machine, so roughly): 64 x 32 ~20 ms, 16 x 16 x 8 ~25 ms, 8 x 8 x 8 x 4 ~37 ms, the dense
+#: 1024 x 512 x 2048 GEMM ~75 ms.
+FAST_MAX_FACTOR = 64
+
+
+class StructuredOperator(NamedTuple):
+    """A structured frame arranged for applying it fast (see `structured_operator`).
+
+    ``layout`` = (K, D, helmert, blocks, factors per block) is static and hashable (torch.compile
+    specialises on it); the tensors may live on any device and the float ones in any dtype (their
+    entries are exactly +-1).
+    """
+
+    layout: tuple
+    spread: torch.Tensor  # (D,) int64: Hadamard input coordinate <- input slot; m (the zero pad) if none
+    perm: torch.Tensor  # (D,) int64: output i is Hadamard coordinate perm[i]
+    inverse: torch.Tensor  # (D,) int64: inverse of perm
+    index: torch.Tensor  # (m,) int64: Hadamard coordinate that input i lands on
+    signs: torch.Tensor  # (m,) +-1
+    hadamard: torch.Tensor  # (F, F) Sylvester +-1 matrix, F = the largest fast factor
+
+
+def structured_operator_layout(num_vectors: int, dim: int, max_factor: int = FAST_MAX_FACTOR) -> tuple:
+    """The static part of a `StructuredOperator`: (K, D, helmert, blocks, fast factors per block)."""
+    blocks = structured_blocks(dim)
+    factors = tuple(_structured_factors(block, max_factor) for block in blocks)
+    return (num_vectors, dim, dim == num_vectors - 1, blocks, factors)
+
+
+def structured_operator_sizes(layout: tuple) -> dict[str, tuple[int, ...]]:
+    """Shapes of an operator's tensors, by field name (to allocate them, e.g. on the meta device)."""
+    num_vectors, dim, helmert, _, factors = layout
+    inputs = dim if helmert else num_vectors
+    size = max((f for block_factors in factors for f in block_factors), default=1)
+    return {"spread": (dim,), "perm": (dim,), "inverse": (dim,), "index": (inputs,), "signs": (inputs,),
+            "hadamard": (size, size)}
+
+
+def structured_operator(plan: StructuredPlan, max_factor: int = FAST_MAX_FACTOR) -> StructuredOperator:
+    """The fast form of ``plan``: the same linear map, the same indices and signs (on the CPU)."""
+    inputs = plan.index.numel()
+    layout = structured_operator_layout(plan.num_vectors, plan.dim, max_factor)
+    index = plan.index.cpu()
+    spread = torch.full((plan.dim,), inputs, dtype=torch.int64)
+    spread[index] = torch.arange(inputs)
+    size = structured_operator_sizes(layout)["hadamard"][0]
+    return StructuredOperator(
+        layout=layout, spread=spread, perm=plan.perm.cpu().clone(), inverse=plan.inverse.cpu().clone(),
+        index=index.clone(), signs=plan.signs.cpu().clone(), hadamard=sylvester_hadamard(size),
+    )
+
+
+def _fast_hadamard(z: torch.Tensor, factors: tuple[int, ...], hadamard: torch.Tensor) -> torch.Tensor:
+    """(b, N) -> (H_b / sqrt(b)) @ z: one (batched) GEMM per Kronecker factor, no transposes."""
+    block, cols = z.shape
+    before = 1
+    for f in factors:
+        z = torch.matmul(hadamard[:f, :f].to(z.dtype) * (f ** -0.5), z.reshape(before, f, -1))
+        before *= f
+    return z.reshape(block, cols)
+
+
+def _fast_blocks(rows: torch.Tensor, source: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
+    """(D, N) = BlockHadamard @ rows[source]: each block gathers its rows and is transformed on its own.
+
+    A Python loop over the blocks of the binary decomposition of D: one block when D is a power of two
+    (every FFN of width 2^k), never more than log2(D) + 1, and static (unrolled by torch.compile).
+    """
+    blocks, factors = op.layout[3], op.layout[4]
+    parts, offset = [], 0
+    for block, block_factors in zip(blocks, factors):
+        parts.append(_fast_hadamard(rows.index_select(0, source[offset:offset + block]), block_factors, op.hadamard))
+        offset += block
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def spread_rows(rows: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
+    """(m, N) -> (D, N): Perm_out . BlockHadamard . Embed, feature-major (signs and scale not applied)."""
+    padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+    return _fast_blocks(padded, op.spread, op).index_select(0, op.perm)
+
+
+def collect_rows(rows: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
+    """(D, N) -> (m, N): the transpose of `spread_rows`, feature-major."""
+    return _fast_blocks(rows, op.inverse, op).index_select(0, op.index)
+
+
+def structured_scale(op: StructuredOperator) -> float:
+    """sqrt(K / (K-1)), the factor that makes the frame's centred columns unit vectors."""
+    return math.sqrt(op.layout[0] / (op.layout[0] - 1))
+
+
+def structured_apply(x: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
+    """x @ M^T for the structured frame M (D x K) of ``op``: (..., K) -> (..., D), matrix-free.
+
+    This is the forward of an up-projection (weight M, K = in < out = D) and the input gradient of a
+    down-projection (weight M^T). Computed in x's dtype (cast the result yourself under autocast);
+    differentiable by autograd. Cost: O(n D sum(factors)) flops, a few passes over n x D memory,
+    no D x K matrix anywhere; the result is contiguous.
+    """
+    num_vectors, dim, helmert = op.layout[:3]
+    if x.shape[-1] != num_vectors:
+        raise ValueError(f"structured_apply: last dim {x.shape[-1]} != K={num_vectors}")
+    inputs = _helmert_apply(x) if helmert else x - x.mean(-1, keepdim=True)
+    lead = inputs.shape[:-1]
+    signed = inputs.reshape(-1, inputs.shape[-1]) * (op.signs.to(x.dtype) * structured_scale(op))
+    return spread_rows(signed.t(), op).t().contiguous().reshape(*lead, dim)
+
+
+def structured_apply_t(y: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
+    """y @ M for the structured frame M (D x K) of ``op``: (..., D) -> (..., K), matrix-free.
 
     The forward of a down-projection (weight M^T, D = in > out = K) and the input gradient of an
     up-projection; the exact transpose of `structured_apply`.
     """
-    if y.shape[-1] != plan.dim:
-        raise ValueError(f"structured_apply_t: last dim {y.shape[-1]} != D={plan.dim}")
-    scale = math.sqrt(plan.num_vectors / (plan.num_vectors - 1))
-    z = _structured_hadamard(y.index_select(-1, plan.inverse), plan)
-    inputs = z.index_select(-1, plan.index) * (plan.signs.to(y.dtype) * scale)
-    if plan.helmert:
+    num_vectors, dim, helmert = op.layout[:3]
+    if y.shape[-1] != dim:
+        raise ValueError(f"structured_apply_t: last dim {y.shape[-1]} != D={dim}")
+    lead = y.shape[:-1]
+    rows = collect_rows(y.reshape(-1, dim).t().contiguous(), op)
+    inputs = (rows * (op.signs.to(y.dtype) * structured_scale(op))[:, None]).t().contiguous()
+    inputs = inputs.reshape(*lead, inputs.shape[-1])
+    if helmert:
         return _helmert_apply_t(inputs)
     return inputs - inputs.mean(-1, keepdim=True)
 
@@ -473,4 +596,4 @@ def structured_isometry(plan: StructuredPlan, dtype: torch.dtype = torch.float64
 def structured_dense(plan: StructuredPlan, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The D x K frame of ``plan`` as a dense matrix (materialised in float64, then cast)."""
     eye = torch.eye(plan.num_vectors, dtype=torch.float64, device=plan.signs.device)
-    return structured_apply(eye, _float64_plan(plan)).t().contiguous().to(dtype)
+    return _reference_apply(eye, _float64_plan(plan)).t().contiguous().to(dtype)

@@ -6,9 +6,11 @@ Design constraints, each from a way transformers 5.x or the optimizer could brea
   * frames that can be regenerated (canonical, orthogonal) are non-persistent buffers, rebuilt from
     their recipe after loading (transformers fills non-persistent buffers with uninitialised memory),
     so checkpoints do not carry them; a ``nearest`` frame depends on the old weight and is persistent;
-  * a ``structured`` layer has no frame buffer at all: it keeps only its `StructuredPlan` (O(D) indices,
-    K signs, one <= 64 x 64 +-1 matrix) as non-persistent ``plan_*`` buffers and applies the frame
-    matrix-free; ``layer.frame`` and ``layer.weight`` materialise the dense (out, in) matrix on demand;
+  * a ``structured`` layer has no frame buffer at all: it keeps only its `StructuredOperator` (O(D)
+    indices, K signs, one <= 64 x 64 +-1 matrix) as non-persistent ``plan_*`` buffers and applies the
+    frame matrix-free; ``layer.frame`` and ``layer.weight`` materialise the dense (out, in) matrix on demand;
+  * frames are defined in float32: a regenerable dense frame cast to a narrower dtype and back (e.g.
+    ``model.half().float()``) is regenerated, so the in-memory model equals its own save/reload;
   * the gain is named ``frame_norm`` (it is the norm of every frame vector), so Trainer's weight-decay
     rule exempts it like a LayerNorm scale instead of pulling it towards zero.
 """
@@ -20,13 +22,32 @@ import torch
 from torch import nn
 
 from .controls import CONTROL_BASES, REGENERABLE_CONTROLS, control_frame
-from .etf import REGENERABLE_BASES, StructuredPlan, simplex_etf, structured_apply, structured_apply_t, structured_blocks, structured_dense, structured_hadamard_size, structured_plan
+from .etf import REGENERABLE_BASES, StructuredOperator, StructuredPlan, simplex_etf, structured_apply, structured_apply_t, structured_dense, structured_operator, structured_operator_layout, structured_operator_sizes, structured_plan
 
 
-#: Buffer names of a structured layer's plan, in `StructuredPlan` field order (after the static fields).
-_PLAN_BUFFERS = ("plan_index", "plan_signs", "plan_perm", "plan_inverse", "plan_hadamard")
+#: Buffer names of a structured layer's operator, in `StructuredOperator` field order (after ``layout``).
+_PLAN_BUFFERS = ("plan_spread", "plan_perm", "plan_inverse", "plan_index", "plan_signs", "plan_hadamard")
 #: Every basis (ETF or control) whose frame is rebuilt from (shape, seed) instead of being stored.
 REGENERABLE = REGENERABLE_BASES + REGENERABLE_CONTROLS
+
+
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype gradient sums accumulate in: float32, or wider when an operand is (float64)."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def inner_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> summed over every element, accumulated in `accumulation_dtype`: a gain's gradient."""
+    dtype = accumulation_dtype(a, b)
+    return (a.to(dtype) * b.to(dtype)).sum()
+
+
+def column_sums(grad: torch.Tensor) -> torch.Tensor:
+    """grad summed over every leading dimension, in `accumulation_dtype`: a bias's gradient."""
+    return grad.reshape(-1, grad.shape[-1]).to(accumulation_dtype(grad)).sum(0)
 
 
 def _input_gain_bias_grads(ctx, grad_out: torch.Tensor, back: torch.Tensor | None, gain: torch.Tensor,
@@ -34,16 +55,17 @@ def _input_gain_bias_grads(ctx, grad_out: torch.Tensor, back: torch.Tensor | Non
     """The gradients both fixed-frame functions share, given ``back`` = grad_out through the frame.
 
     The gain's gradient <grad_out, frame x> is taken on whichever side was saved in forward: the
-    pre-gain output (with grad_out) or the input (with ``back``); float32 accumulation either way.
+    pre-gain output (with grad_out) or the input (with ``back``). Sums accumulate in float32, or float64
+    for float64 tensors (`accumulation_dtype`).
     """
     grad_x = (back * gain.to(ctx.compute_dtype)).to(ctx.input_dtype) if needs_x else None
     grad_gain = None
     if saved_activation is not None:
         partner = grad_out if ctx.save_pre_gain else back
-        grad_gain = (partner.float() * saved_activation.float()).sum().to(gain.dtype).reshape(gain.shape)
+        grad_gain = inner_product(partner, saved_activation).to(gain.dtype).reshape(gain.shape)
     grad_bias = None
     if ctx.bias_dtype is not None and needs_bias:
-        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+        grad_bias = column_sums(grad_out).to(ctx.bias_dtype)
     return grad_x, grad_gain, grad_bias
 
 
@@ -96,34 +118,34 @@ class _FixedFrameLinear(torch.autograd.Function):
 class _StructuredFrameLinear(torch.autograd.Function):
     """y = gain * (x @ W^T) + bias with W the (out, in) orientation of a structured frame, matrix-free.
 
-    Same contract as `_FixedFrameLinear`: nothing is saved for the fixed transform (its plan is a set
-    of constant buffers, kept on ctx by reference, not saved activations) and at most one activation,
-    the narrow one, for the gain's gradient. ``layout`` = (K, D, blocks, helmert, transposed) is static;
+    Same contract as `_FixedFrameLinear`: nothing is saved for the fixed transform (its operator is a
+    set of constant buffers, kept on ctx by reference, not saved activations) and at most one
+    activation, the narrow one, for the gain's gradient. ``static`` = (operator layout, transposed);
     ``transposed`` means W = M^T (a down-projection, D -> K), else W = M (an up-projection, K -> D).
     """
 
     @staticmethod
-    def forward(ctx, x, gain, bias, index, signs, perm, inverse, hadamard, layout):  # type: ignore[override]
-        num_vectors, dim, blocks, helmert, transposed = layout
+    def forward(ctx, x, gain, bias, spread, perm, inverse, index, signs, hadamard, static):  # type: ignore[override]
+        layout, transposed = static
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             compute_dtype = torch.get_autocast_dtype(device_type)
         else:
             compute_dtype = x.dtype
-        plan = StructuredPlan(num_vectors, dim, blocks, helmert, index, signs, perm, inverse, hadamard)
+        op = StructuredOperator(layout, spread, perm, inverse, index, signs, hadamard)
         with torch.autocast(device_type, enabled=False):
             apply = structured_apply_t if transposed else structured_apply
-            pre_gain = apply(x.to(compute_dtype), plan)
+            pre_gain = apply(x.to(compute_dtype), op)
             out = pre_gain * gain.to(compute_dtype)
             if bias is not None:
                 out = out + bias.to(compute_dtype)
-        ctx.plan = plan
+        ctx.op = op
         ctx.transposed = transposed
         ctx.compute_dtype = compute_dtype
         ctx.input_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         # out <= in: the output (pre-gain) side is the narrow one.
-        ctx.save_pre_gain = transposed or num_vectors == dim
+        ctx.save_pre_gain = transposed or layout[0] == layout[1]
         if ctx.needs_input_grad[1]:
             ctx.save_for_backward(gain, pre_gain if ctx.save_pre_gain else x)
         else:
@@ -140,11 +162,11 @@ class _StructuredFrameLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0] or (ctx.needs_input_grad[1] and not ctx.save_pre_gain):
             apply = structured_apply if ctx.transposed else structured_apply_t
             with torch.autocast(grad_out.device.type, enabled=False):
-                back = apply(grad_out, ctx.plan)
+                back = apply(grad_out, ctx.op)
         grad_x, grad_gain, grad_bias = _input_gain_bias_grads(
             ctx, grad_out, back, gain, saved[1] if ctx.needs_input_grad[1] else None,
             ctx.needs_input_grad[0], ctx.needs_input_grad[2])
-        return grad_x, grad_gain, grad_bias, None, None, None, None, None, None
+        return grad_x, grad_gain, grad_bias, None, None, None, None, None, None, None
 
 
 def frame_orientation(in_features: int, out_features: int) -> str:
@@ -254,9 +276,9 @@ class ETFLinear(nn.Module):
         if not self.regenerable:
             return
         if self.structured:
-            plan = structured_plan(self._structured_layout[0], self._structured_layout[1], self.seed)
+            operator = structured_operator(structured_plan(*self._structured_layout[0][:2], self.seed))
             with torch.no_grad():
-                for name, value in zip(_PLAN_BUFFERS, plan[4:]):
+                for name, value in zip(_PLAN_BUFFERS, operator[1:]):
                     buffer = self._buffers[name]
                     buffer.copy_(value.to(device=buffer.device, dtype=buffer.dtype))
             return
@@ -264,22 +286,37 @@ class ETFLinear(nn.Module):
         with torch.no_grad():
             self.frame.copy_(frame.to(device=self.frame.device, dtype=self.frame.dtype))
 
+    def _apply(self, fn, recurse: bool = True):
+        """`nn.Module._apply` (behind ``.to``, ``.half()``, ``.float()``, ...), then regenerate a regenerable
+        dense frame whose dtype became more precise: its values are defined in float32, and a cast back up
+        from a narrower dtype would otherwise keep the narrow rounding (an fp16 round trip moved an
+        orthogonal-frame GPT-2's logits by 1.5e-4 against its own save/reload). Regenerating costs a QR
+        per frame for ``orthogonal``, paid only on such upcasts; keeping a float32 copy instead would cost
+        memory and a cast on every call. Stored frames (``nearest``, ``frozen``) are saved as they are, so
+        the model and its checkpoint agree anyway; structured operators are exact (+-1) in every dtype."""
+        frame = self._buffers.get("frame")
+        before = None if frame is None else frame.dtype
+        result = super()._apply(fn, recurse)
+        frame = self._buffers.get("frame")
+        if (before is not None and frame is not None and self.regenerable and not frame.is_meta
+                and frame.is_floating_point() and torch.finfo(frame.dtype).eps < torch.finfo(before).eps):
+            self.reset_frame()
+        return result
+
     def _init_structured(self, device: torch.device | str | None, dtype: torch.dtype) -> None:
         num_vectors = min(self.in_features, self.out_features)
         dim = max(self.in_features, self.out_features)
-        blocks = structured_blocks(dim)
-        # (K, D, blocks, helmert, transposed): D >= K always, since K is the narrow side.
-        self._structured_layout = (num_vectors, dim, blocks, False,
-                                   frame_orientation(self.in_features, self.out_features) == "rows")
+        # (operator layout, transposed): D >= K always, since K is the narrow side.
+        layout = structured_operator_layout(num_vectors, dim)
+        self._structured_layout = (layout, frame_orientation(self.in_features, self.out_features) == "rows")
         if device is not None and torch.device(device).type == "meta":
-            size = structured_hadamard_size(dim)
-            empty = lambda *shape, dtype=dtype: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
-            plan = StructuredPlan(num_vectors, dim, blocks, False, empty(num_vectors, dtype=torch.int64),
-                                  empty(num_vectors), empty(dim, dtype=torch.int64), empty(dim, dtype=torch.int64),
-                                  empty(size, size))
+            sizes = structured_operator_sizes(layout)
+            values = [torch.empty(sizes[name.removeprefix("plan_")], device="meta",
+                                  dtype=dtype if name in ("plan_signs", "plan_hadamard") else torch.int64)
+                      for name in _PLAN_BUFFERS]
         else:
-            plan = structured_plan(num_vectors, dim, self.seed)
-        for name, value in zip(_PLAN_BUFFERS, plan[4:]):
+            values = structured_operator(structured_plan(num_vectors, dim, self.seed))[1:]
+        for name, value in zip(_PLAN_BUFFERS, values):
             value = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device=device)
             self.register_buffer(name, value, persistent=False)
 
@@ -288,12 +325,18 @@ class ETFLinear(nn.Module):
         return self.basis == "structured"
 
     @property
+    def operator(self) -> StructuredOperator:
+        """The structured frame's fast operator, made of this layer's buffers (``structured`` basis only)."""
+        if not self.structured:
+            raise AttributeError(f"a {self.basis!r} ETFLinear has a dense frame, no structured operator")
+        return StructuredOperator(self._structured_layout[0], *(self._buffers[name] for name in _PLAN_BUFFERS))
+
+    @property
     def plan(self) -> StructuredPlan:
-        """The structured frame's plan, made of this layer's buffers (``structured`` basis only)."""
+        """The structured frame's seeded plan, regenerated (on the CPU; ``structured`` basis only)."""
         if not self.structured:
             raise AttributeError(f"a {self.basis!r} ETFLinear has a dense frame, no structured plan")
-        num_vectors, dim, blocks, helmert, _ = self._structured_layout
-        return StructuredPlan(num_vectors, dim, blocks, helmert, *(self._buffers[name] for name in _PLAN_BUFFERS))
+        return structured_plan(*self._structured_layout[0][:2], self.seed)
 
     @property
     def frame(self) -> torch.Tensor:
@@ -301,8 +344,8 @@ class ETFLinear(nn.Module):
         if "frame" in buffers:
             return buffers["frame"]
         if self.__dict__.get("basis") == "structured":
-            plan = self.plan
-            dense = structured_dense(plan).to(plan.signs.dtype)  # D x K
+            signs = self._buffers["plan_signs"]
+            dense = structured_dense(self.plan).to(device=signs.device, dtype=signs.dtype)  # D x K
             columns = frame_orientation(self.in_features, self.out_features) == "columns"
             return dense if columns else dense.t().contiguous()
         raise AttributeError(f"'{type(self).__name__}' object has no attribute 'frame'")
@@ -314,8 +357,8 @@ class ETFLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.basis == "structured":
             return _StructuredFrameLinear.apply(
-                x, self.frame_norm, self.bias, self.plan_index, self.plan_signs, self.plan_perm,
-                self.plan_inverse, self.plan_hadamard, self._structured_layout)
+                x, self.frame_norm, self.bias, self.plan_spread, self.plan_perm, self.plan_inverse,
+                self.plan_index, self.plan_signs, self.plan_hadamard, self._structured_layout)
         return _FixedFrameLinear.apply(x, self.frame, self.frame_norm, self.bias)
 
     def extra_repr(self) -> str:

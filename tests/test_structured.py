@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 import etf_hf  # noqa: F401  (registers the ETF model types with the Auto classes)
 from etf_hf import ETFConfig, ETFLinear, etf_layers, patch
 from etf_hf.etf import (BASES, REGENERABLE_BASES, simplex_etf, structured_apply, structured_apply_t,
-                        structured_blocks, structured_dense, structured_isometry, structured_plan)
+                        structured_blocks, structured_dense, structured_isometry, structured_operator,
+                        structured_plan)
 from etf_hf.layers import _StructuredFrameLinear
 from test_etf import assert_simplex
 from tiny_models import tiny_gpt2, token_batch
@@ -98,12 +99,13 @@ def test_rank_of_activated_hidden_features(basis: str, full_rank: bool) -> None:
 @pytest.mark.parametrize("num_vectors,dim", SHAPES)
 def test_matrix_free_apply_equals_the_dense_frame(num_vectors: int, dim: int) -> None:
     plan = structured_plan(num_vectors, dim, seed=4)
-    plan32 = plan._replace(signs=plan.signs.float(), hadamard=plan.hadamard.float())
+    operator = structured_operator(plan)
+    op32 = operator._replace(signs=operator.signs.float(), hadamard=operator.hadamard.float())
     frame = structured_dense(plan, torch.float32)
     x = torch.randn(3, 7, num_vectors)
     y = torch.randn(3, 7, dim)
-    assert torch.allclose(structured_apply(x, plan32), x @ frame.t(), atol=1e-5)
-    assert torch.allclose(structured_apply_t(y, plan32), y @ frame, atol=1e-5)
+    assert torch.allclose(structured_apply(x, op32), x @ frame.t(), atol=1e-5)
+    assert torch.allclose(structured_apply_t(y, op32), y @ frame, atol=1e-5)
     assert torch.equal(structured_dense(plan), simplex_etf(num_vectors, dim, "structured", seed=4, dtype=torch.float64))
 
 
@@ -130,10 +132,10 @@ def test_layer_forward_and_backward_equal_the_dense_materialisation(in_features:
 def test_gradcheck_float64(in_features: int, out_features: int, trainable_gain: bool) -> None:
     layer = structured_layer(in_features, out_features, trainable_gain=trainable_gain).double()
     x = torch.randn(4, in_features, dtype=torch.float64, requires_grad=True)
-    plan = layer.plan
+    operator = layer.operator
 
     def function(x, gain, bias):
-        return _StructuredFrameLinear.apply(x, gain, bias, *plan[4:], layer._structured_layout)
+        return _StructuredFrameLinear.apply(x, gain, bias, *operator[1:], layer._structured_layout)
 
     assert torch.autograd.gradcheck(function, (x, layer.frame_norm, layer.bias))
     # and the same gradients as autograd through the dense form
@@ -150,7 +152,8 @@ def test_gradcheck_float64(in_features: int, out_features: int, trainable_gain: 
 
 @pytest.mark.parametrize("num_vectors,dim", [(6, 10), (5, 4), (3, 3)])
 def test_plain_functions_are_differentiable(num_vectors: int, dim: int) -> None:
-    plan = structured_plan(num_vectors, dim, seed=9)
+    operator = structured_operator(structured_plan(num_vectors, dim, seed=9))
+    plan = operator._replace(signs=operator.signs.double(), hadamard=operator.hadamard.double())
     x = torch.randn(3, num_vectors, dtype=torch.float64, requires_grad=True)
     y = torch.randn(3, dim, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: structured_apply(t, plan), (x,))
@@ -206,7 +209,7 @@ def test_reset_frame_rebuilds_clobbered_plan_buffers() -> None:
 
 def test_built_on_meta_then_reset() -> None:
     meta = ETFLinear.from_layer(nn.Linear(16, 64, device="meta"), layout="linear", basis="structured", seed=5)
-    assert meta.plan_index.is_meta and "frame" not in dict(meta.named_buffers())
+    assert meta.plan_index.is_meta and meta.plan_spread.is_meta and "frame" not in dict(meta.named_buffers())
     real = meta.to_empty(device="cpu")
     real.reset_frame()
     reference = ETFLinear(16, 64, basis="structured", seed=5)
