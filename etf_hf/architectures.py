@@ -604,3 +604,41 @@ def find_head(model: nn.Module) -> Slot:
     raise ValueError(f"ETFConfig(head=True): {name} has no classification head (looked for a Linear "
                      f"{' or '.join(attributes)}, or their {'/'.join(HEAD_OUTPUT_ATTRIBUTES)}); load a "
                      f"*ForSequenceClassification / *ForImageClassification model, or use head=False")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused fixed-frame FFN facts (used by `etf_hf.ffn`): how an MLP module computes from its projections.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MLPForm:
+    """An MLP module's forward, in the attribute names of its children: ``down(act(up(x)))``, or with
+    ``gate`` ``down(act(gate(x)) * up(x))``, then ``dropout`` if named. Only modules whose forward is
+    exactly this (read in transformers' source, 5.24) are listed: `etf_hf.ffn` then computes the whole
+    FFN in one autograd function when its projections are fixed frames."""
+
+    up: str
+    down: str
+    activation: str
+    gate: str | None = None
+    dropout: str | None = None
+
+
+#: MLP classes (by name) whose forward is an `MLPForm`. BERT and RoBERTa are absent on purpose: their
+#: FFN spans two modules (``*Intermediate`` computes up + activation, ``*Output`` down + dropout +
+#: residual LayerNorm), so their projections keep the per-projection `ETFLinear` path.
+MLP_FORMS: dict[str, MLPForm] = {
+    "GPT2MLP": MLPForm("c_fc", "c_proj", "act", dropout="dropout"),
+    "ViTMLP": MLPForm("fc1", "fc2", "activation_fn"),
+    "CLIPMLP": MLPForm("fc1", "fc2", "activation_fn"),  # generic fc1/fc2 fallback
+    "SiglipMLP": MLPForm("fc1", "fc2", "activation_fn"),  # generic fc1/fc2 fallback
+    "LlamaMLP": MLPForm("up_proj", "down_proj", "act_fn", gate="gate_proj"),
+    "MistralMLP": MLPForm("up_proj", "down_proj", "act_fn", gate="gate_proj"),  # generic gated fallback
+    "Qwen2MLP": MLPForm("up_proj", "down_proj", "act_fn", gate="gate_proj"),  # generic gated fallback
+}
+
+
+def mlp_form(module_class: type) -> MLPForm | None:
+    """The `MLPForm` of an MLP class, matched by its exact class name (a subclass may compute otherwise)."""
+    return MLP_FORMS.get(module_class.__name__)

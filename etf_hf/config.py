@@ -13,11 +13,11 @@ from .etf import BASES
 
 #: Version of the `config.etf` format this release writes; a checkpoint written by a newer release
 #: is refused rather than half-understood.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Fields added after version 1, with the version that added them. An older config.etf lacks them and is
 #: read with their defaults (which reproduce what that older release built); a newer field in an older
 #: version's dict is refused like any unknown field.
-_ADDED_IN_VERSION = {"head": 2, "head_basis": 2, "placement": 2}
+_ADDED_IN_VERSION = {"head": 2, "head_basis": 2, "placement": 2, "recompute": 3}
 
 PROJECTIONS = ("up", "down", "both")
 STORAGES = ("compact", "dense")
@@ -69,6 +69,12 @@ class ETFConfig:
     head_basis: the head's basis (ETF or control); None: the FFN ``basis`` at patch time, which `patch`
         then writes here, so that a later lock with another FFN basis (Adaptive-ETF) leaves the head's
         frame reproducible.
+    recompute: for a block whose FFN projections are all fixed (computed by the fused FFN,
+        `etf_hf.ffn`): True saves only the block input and recomputes the up-projection in backward, False
+        also saves its 4d-wide pre-gain output. None (default): True for ``structured`` (recomputing its
+        transform costs a fraction of the saved memory traffic), False for dense frames (recomputing a
+        d x 4d GEMM costs more time than the memory is worth; measured in BENCHMARKS.md). Training
+        memory and speed only: outputs and gradients are the same either way.
     placement: how `patch` chose ``layers`` (written by `patch`, not an input): the rule, a sentence
         saying why, and for ``"auto"`` the threshold, the per-block NCC accuracies and the effective
         depth. A record only: it takes no part in comparing configs, nor in their repr (see config.etf).
@@ -84,6 +90,7 @@ class ETFConfig:
     storage: str = "compact"
     head: bool = False
     head_basis: str | None = None
+    recompute: bool | None = None
     placement: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     format_version: int = field(default=FORMAT_VERSION)
 
@@ -132,6 +139,9 @@ class ETFConfig:
             if self.head_basis not in BASES + CONTROL_BASES:
                 raise ValueError(f"ETFConfig.head_basis={self.head_basis!r} is unknown: choose an ETF basis "
                                  f"({', '.join(BASES)}) or a control ({', '.join(CONTROL_BASES)})")
+        if self.recompute is not None and not isinstance(self.recompute, bool):
+            raise ValueError(f"ETFConfig.recompute={self.recompute!r}: use true, false, or null (true for the "
+                             f"structured basis, false for dense frames)")
         if self.placement is not None and not isinstance(self.placement, dict):
             raise ValueError(f"ETFConfig.placement must be a JSON object or null (it is written by etf_hf.patch), "
                              f"got {type(self.placement).__name__}")

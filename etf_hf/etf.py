@@ -545,6 +545,23 @@ def structured_scale(op: StructuredOperator) -> float:
     return math.sqrt(op.layout[0] / (op.layout[0] - 1))
 
 
+def structured_rows_apply(x: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
+    """x @ M^T for a 2-D x, (n, K) -> (n, D), returned as the transposed view of a contiguous
+    feature-major (D, n) matrix; x may itself be such a view (it is then read without a copy)."""
+    inputs = _helmert_apply(x) if op.layout[2] else x - x.mean(-1, keepdim=True)
+    signed = inputs * (op.signs.to(x.dtype) * structured_scale(op))
+    return spread_rows(signed.t(), op).t()
+
+
+def structured_rows_apply_t(y: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
+    """y @ M for a 2-D y, (n, D) -> (n, K), feature-major like `structured_rows_apply`: a feature-major
+    y costs no transpose, and the result is the transposed view of a contiguous (K, n) matrix."""
+    rows = collect_rows(y.t().contiguous(), op) * (op.signs.to(y.dtype) * structured_scale(op))[:, None]
+    if op.layout[2]:
+        return _helmert_apply_t(rows.t())
+    return (rows - rows.mean(0, keepdim=True)).t()
+
+
 def structured_apply(x: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
     """x @ M^T for the structured frame M (D x K) of ``op``: (..., K) -> (..., D), matrix-free.
 
@@ -553,13 +570,11 @@ def structured_apply(x: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
     differentiable by autograd. Cost: O(n D sum(factors)) flops, a few passes over n x D memory,
     no D x K matrix anywhere; the result is contiguous.
     """
-    num_vectors, dim, helmert = op.layout[:3]
+    num_vectors, dim = op.layout[:2]
     if x.shape[-1] != num_vectors:
         raise ValueError(f"structured_apply: last dim {x.shape[-1]} != K={num_vectors}")
-    inputs = _helmert_apply(x) if helmert else x - x.mean(-1, keepdim=True)
-    lead = inputs.shape[:-1]
-    signed = inputs.reshape(-1, inputs.shape[-1]) * (op.signs.to(x.dtype) * structured_scale(op))
-    return spread_rows(signed.t(), op).t().contiguous().reshape(*lead, dim)
+    out = structured_rows_apply(x.reshape(-1, num_vectors), op)
+    return out.contiguous().reshape(*x.shape[:-1], dim)
 
 
 def structured_apply_t(y: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
@@ -568,16 +583,11 @@ def structured_apply_t(y: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
     The forward of a down-projection (weight M^T, D = in > out = K) and the input gradient of an
     up-projection; the exact transpose of `structured_apply`.
     """
-    num_vectors, dim, helmert = op.layout[:3]
+    num_vectors, dim = op.layout[:2]
     if y.shape[-1] != dim:
         raise ValueError(f"structured_apply_t: last dim {y.shape[-1]} != D={dim}")
-    lead = y.shape[:-1]
-    rows = collect_rows(y.reshape(-1, dim).t().contiguous(), op)
-    inputs = (rows * (op.signs.to(y.dtype) * structured_scale(op))[:, None]).t().contiguous()
-    inputs = inputs.reshape(*lead, inputs.shape[-1])
-    if helmert:
-        return _helmert_apply_t(inputs)
-    return inputs - inputs.mean(-1, keepdim=True)
+    out = structured_rows_apply_t(y.reshape(-1, dim), op)
+    return out.contiguous().reshape(*y.shape[:-1], out.shape[-1])
 
 
 def _float64_plan(plan: StructuredPlan) -> StructuredPlan:

@@ -29,7 +29,7 @@ _PACKAGE = "etf_hf"
 #: Modules (under etf_hf/) whose definitions the remote code may copy, in dependency order: a module that
 #: defines a name another uses at import time (a base class, a constant) comes first. A new module that
 #: loading needs (a new layer type) is added here; only what the footer reaches is copied from it.
-SOURCE_MODULES = ("etf", "controls", "config", "layers", "architectures", "head", "injection", "configuration_etf",
+SOURCE_MODULES = ("etf", "controls", "config", "layers", "architectures", "ffn", "head", "injection", "configuration_etf",
                   "hub", "modeling_etf")
 _FOOTER_MARKER = "# ---- etf_hf remote-code footer: the classes this checkpoint needs ----"
 #: The model card's ETF section lies between these markers (a later save replaces it).

@@ -10,6 +10,7 @@ from torch import nn
 from .architectures import Slot, find_head, find_slots
 from .config import ETFConfig
 from .etf import slot_seed
+from .ffn import fuse_feed_forwards
 from .head import ETFClassifier
 from .layers import ETFLinear
 
@@ -23,6 +24,7 @@ def apply_etf_layers(model: nn.Module, config: ETFConfig) -> list[Slot]:
     """Replace the projections ``config`` selects by `ETFLinear`s, and with ``head=True`` the classifier by
     an `ETFClassifier` (basis ``head_basis``, default ``basis``); layers already fixed are kept.
 
+    Every MLP whose projections are now all fixed computes through the fused FFN (`etf_hf.ffn`).
     Returns the slots, the head's last (role ``"head"``).
     """
     slots = find_slots(model, config)
@@ -43,6 +45,7 @@ def apply_etf_layers(model: nn.Module, config: ETFConfig) -> list[Slot]:
                 current, basis=config.head_basis or config.basis, seed=slot_seed(config.seed, head.seed_key),
                 gain=config.gain, trainable_gain=config.trainable_gain))
         slots = [*slots, head]
+    fuse_feed_forwards(model, config.recompute)
     store_frames(model, config.storage)
     return slots
 

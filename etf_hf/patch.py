@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from .architectures import find_head, find_slots, head_names, model_stacks
 from .config import LAYER_CHOICES, ETFConfig
 from .controls import CONTROL_BASES
+from .ffn import unfuse_feed_forwards
 from .injection import apply_etf_layers, parameter_summary
 from .layers import ETFLinear
 from .hub import MODEL_TAGS
@@ -222,6 +223,7 @@ def materialize(model: PreTrainedModel) -> PreTrainedModel:
         layer = getattr(slot.parent, slot.attribute)
         if isinstance(layer, ETFLinear):
             setattr(slot.parent, slot.attribute, _dense_layer(layer, slot.layout))
+    unfuse_feed_forwards(model)
     del model.config.etf
     model.model_tags = [tag for tag in model.model_tags or () if tag not in MODEL_TAGS] or None
     _set_config_class(model.config, type(model.config).etf_vanilla_class)

@@ -1,0 +1,317 @@
+"""The fused fixed-frame FFN: a block's whole feed-forward in one autograd function, when both (or, gated,
+all three) of its projections are fixed ETF layers.
+
+Why: with fixed frames the only trainable tensors of an FFN are a few gains and biases, yet autograd
+through separate layers keeps the 4d-wide hidden activation of every block for backward (memory at the
+level of a frozen FFN) and runs the fixed transforms eight times a step. Here forward computes
+
+    up-frame -> gain/bias -> activation -> down-frame -> gain/bias      (gated: act(gate) * up)
+
+and saves only the block input (n x d) and the gains. Backward recomputes the up-projection (cheap for a
+structured frame) and the activation, and applies each adjoint explicitly: 5 transforms a step instead
+of 8, and the hidden activation never outlives its block's forward. ``recompute`` (`ETFConfig`) trades
+that memory back for compute: off, the up-projection's pre-gain output is saved as well, which is the
+better choice for dense frames, whose recomputation is a full d x 4d GEMM (default: on for
+``structured``, off for every dense basis).
+
+A structured hidden activation stays feature-major (see `etf_hf.etf`) from the up- to the
+down-projection, so no 4d-wide tensor is transposed or column-gathered.
+
+The fused module is the model's own MLP module with its class swapped to a subclass (like the model's
+``ETF*`` class): same children, same state-dict keys, so every checkpoint loads either way. It falls
+back to the MLP's own forward whenever fusing would change behaviour: a projection that is not an
+`ETFLinear` (a partial patch, or after `materialize`), forward hooks on a projection or the activation
+(they would not fire inside the fusion), an activation it has no exact derivative for, or extra
+forward arguments.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .architectures import MLPForm, mlp_form
+from .etf import StructuredOperator, structured_rows_apply, structured_rows_apply_t
+from .layers import ETFLinear, column_sums, inner_product
+
+_SQRT_2_OVER_PI = 0.7978845608028654  # math.sqrt(2.0 / math.pi)
+_GELU_TANH_CUBIC = 0.044715
+
+
+def activation_kind(module: nn.Module) -> str | None:
+    """The activation an MLP's activation module computes, if it is one the fused FFN differentiates
+    exactly: ``gelu`` (erf), ``gelu_tanh`` (torch's tanh approximation), ``gelu_new`` (the same
+    approximation written out, GPT-2's default), ``silu``, ``relu``; None otherwise (no fusion)."""
+    cls = type(module)
+    if cls is nn.GELU:
+        return "gelu" if module.approximate == "none" else "gelu_tanh"
+    if cls in (nn.SiLU,):
+        return "silu"
+    if cls is nn.ReLU:
+        return "relu"
+    if cls.__module__ != "transformers.activations":
+        return None
+    act = getattr(module, "act", None)
+    if cls.__name__ == "GELUActivation" and act is nn.functional.gelu:
+        return "gelu"
+    if cls.__name__ == "GELUTanh" and getattr(act, "func", None) is nn.functional.gelu:
+        return "gelu_tanh"
+    return {"NewGELUActivation": "gelu_new", "SiLUActivation": "silu"}.get(cls.__name__)
+
+
+def _activate(kind: str, h: torch.Tensor) -> torch.Tensor:
+    """The activation, written as the module computes it (bit-identical outputs to the unfused path)."""
+    if kind == "gelu":
+        return nn.functional.gelu(h)
+    if kind == "gelu_tanh":
+        return nn.functional.gelu(h, approximate="tanh")
+    if kind == "gelu_new":
+        return 0.5 * h * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (h + _GELU_TANH_CUBIC * torch.pow(h, 3.0))))
+    if kind == "silu":
+        return nn.functional.silu(h)
+    return nn.functional.relu(h)
+
+
+def _activation_backward(kind: str, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """grad * act'(h): torch's own backward kernels where they exist, so gradients match autograd's."""
+    if kind == "gelu":
+        return torch.ops.aten.gelu_backward(grad, h)
+    if kind == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
+    if kind == "gelu_new":
+        inner = _SQRT_2_OVER_PI * (h + _GELU_TANH_CUBIC * h * h * h)
+        t = torch.tanh(inner)
+        slope = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * h * h)
+        return grad * (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * slope)
+    if kind == "silu":
+        return torch.ops.aten.silu_backward(grad, h)
+    return torch.where(h > 0, grad, torch.zeros_like(grad))
+
+
+class _Frame(NamedTuple):
+    """One projection inside the fused function: static description plus its tensors."""
+
+    kind: str  # "dense" or "structured"
+    transposed: bool  # structured: W = M^T (a down-projection)
+    layout: tuple | None  # structured operator layout
+    gain: torch.Tensor
+    bias: torch.Tensor | None
+    tensors: tuple[torch.Tensor, ...]  # dense: (frame,); structured: the operator's tensors
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T, pre-gain, (n, in) -> (n, out). A structured result is the transposed view of a
+        contiguous feature-major (out, n) matrix; a structured input may be such a view (no copy then)."""
+        if self.kind == "dense":
+            return nn.functional.linear(x, self.tensors[0].to(x.dtype))
+        op = StructuredOperator(self.layout, *self.tensors)
+        return structured_rows_apply_t(x, op) if self.transposed else structured_rows_apply(x, op)
+
+    def adjoint(self, grad: torch.Tensor) -> torch.Tensor:
+        """grad @ W, pre-gain, (n, out) -> (n, in)."""
+        if self.kind == "dense":
+            return grad @ self.tensors[0].to(grad.dtype)
+        op = StructuredOperator(self.layout, *self.tensors)
+        return structured_rows_apply(grad, op) if self.transposed else structured_rows_apply_t(grad, op)
+
+
+class FusedSpec(NamedTuple):
+    """Static part of one fused call (hashable: torch.compile specialises on it)."""
+
+    activation: str
+    gated: bool
+    recompute: bool
+    frames: tuple[tuple[str, bool, tuple | None, bool, int], ...]  # (kind, transposed, layout, has bias, #tensors)
+
+
+def _unflatten(spec: FusedSpec, operands: tuple) -> tuple[list[_Frame], list[int], list[int]]:
+    """The frames (gate?, up, down), and each one's gain and bias position in ``operands``."""
+    frames, gain_at, bias_at, at = [], [], [], 0
+    for kind, transposed, layout, _, count in spec.frames:
+        gain_at.append(at)
+        bias_at.append(at + 1)
+        frames.append(_Frame(kind, transposed, layout, operands[at], operands[at + 1],
+                             tuple(operands[at + 2:at + 2 + count])))
+        at += 2 + count
+    return frames, gain_at, bias_at
+
+
+def _affine(pre: torch.Tensor, frame: _Frame, dtype: torch.dtype) -> torch.Tensor:
+    out = pre * frame.gain.to(dtype)
+    return out if frame.bias is None else out + frame.bias.to(dtype)
+
+
+class _FusedFeedForward(torch.autograd.Function):
+    """out = down(act(up(x))) (gated: down(act(gate(x)) * up(x))), each projection gain * (x W^T) + bias
+    with a fixed W. Saves x and the gains (and, without recompute, the up-projections' pre-gain outputs).
+    Autocast is honoured like `ETFLinear`: everything is computed in the autocast dtype, frames cast per call.
+    Operands: for each frame (gate?, up, down), its gain, its bias (or None), then its frame tensors."""
+
+    @staticmethod
+    def forward(ctx, x, spec, *operands):  # type: ignore[override]
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        frames, _, _ = _unflatten(spec, operands)
+        ups, down = frames[:-1], frames[-1]
+        with torch.autocast(device_type, enabled=False):
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            pres = [frame.project(flat) for frame in ups]
+            hidden = [_affine(pre, frame, dtype) for pre, frame in zip(pres, ups)]
+            if spec.gated:
+                activated = _activate(spec.activation, hidden[0]) * hidden[1]
+            else:
+                activated = _activate(spec.activation, hidden[0])
+            out = _affine(down.project(activated), down, dtype).contiguous()
+        ctx.spec = spec
+        ctx.dtype = dtype
+        ctx.input_dtype = x.dtype
+        ctx.frame_tensors = [frame.tensors for frame in frames]
+        ctx.biases = [frame.bias for frame in frames]
+        ctx.save_for_backward(x, *(frame.gain for frame in frames), *([] if spec.recompute else pres))
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        spec, dtype = ctx.spec, ctx.dtype
+        saved = ctx.saved_tensors  # unpack once: non-reentrant activation checkpointing allows one unpack
+        count = len(spec.frames)
+        x, gains = saved[0], saved[1:1 + count]
+        operands: list[Any] = []
+        for gain, bias, tensors in zip(gains, ctx.biases, ctx.frame_tensors):
+            operands += [gain, bias, *tensors]
+        frames, gain_at, bias_at = _unflatten(spec, tuple(operands))
+        ups, down = frames[:-1], frames[-1]
+        needs = ctx.needs_input_grad[2:]
+        grads: list[torch.Tensor | None] = [None] * len(operands)
+        with torch.autocast(x.device.type, enabled=False):
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            pres = [frame.project(flat) for frame in ups] if spec.recompute else list(saved[1 + count:])
+            hidden = [_affine(pre, frame, dtype) for pre, frame in zip(pres, ups)]
+            grad = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+            if down.bias is not None and needs[bias_at[-1]]:
+                grads[bias_at[-1]] = column_sums(grad).to(down.bias.dtype)
+            back = down.adjoint(grad)
+            if spec.gated:
+                gate_out = _activate(spec.activation, hidden[0])
+                activated = gate_out * hidden[1]
+            else:
+                activated = _activate(spec.activation, hidden[0])
+            if needs[gain_at[-1]]:
+                grads[gain_at[-1]] = inner_product(back, activated).to(down.gain.dtype).reshape(down.gain.shape)
+            grad_activated = back * down.gain.to(dtype)
+            if spec.gated:
+                grad_hidden = [_activation_backward(spec.activation, grad_activated * hidden[1], hidden[0]),
+                               grad_activated * gate_out]
+            else:
+                grad_hidden = [_activation_backward(spec.activation, grad_activated, hidden[0])]
+            grad_x = None
+            for i, frame in enumerate(ups):
+                if frame.bias is not None and needs[bias_at[i]]:
+                    grads[bias_at[i]] = column_sums(grad_hidden[i]).to(frame.bias.dtype)
+                if needs[gain_at[i]]:
+                    grads[gain_at[i]] = inner_product(grad_hidden[i], pres[i]).to(frame.gain.dtype).reshape(frame.gain.shape)
+                if ctx.needs_input_grad[0]:
+                    term = frame.adjoint(grad_hidden[i]) * frame.gain.to(dtype)
+                    grad_x = term if grad_x is None else grad_x + term
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.input_dtype).reshape(x.shape)
+        return (grad_x, None, *grads)
+
+
+def _frame_operands(layer: ETFLinear) -> tuple[tuple, list]:
+    """(static description, operands) of one ETF layer inside the fused function."""
+    if layer.structured:
+        layout, transposed = layer._structured_layout
+        tensors = list(layer.operator[1:])
+        return ("structured", transposed, layout, layer.bias is not None, len(tensors)), [
+            layer.frame_norm, layer.bias, *tensors]
+    return ("dense", False, None, layer.bias is not None, 1), [layer.frame_norm, layer.bias, layer.frame]
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+class FusedFeedForwardMixin:
+    """Mixed into an MLP class by `fuse_feed_forwards`: its forward runs `_FusedFeedForward` while every
+    projection of its `MLPForm` is an `ETFLinear` and nothing would observe the difference."""
+
+    etf_form: MLPForm
+    etf_vanilla_mlp: type
+    etf_recompute: bool
+
+    def etf_fused_projections(self) -> list[ETFLinear] | None:
+        """(gate?, up, down) when the fused path applies now, else None (the MLP's own forward runs)."""
+        form = self.etf_form
+        names = [name for name in (form.gate, form.up, form.down) if name is not None]
+        layers = [getattr(self, name) for name in names]
+        if not all(isinstance(layer, ETFLinear) for layer in layers):
+            return None
+        activation = getattr(self, form.activation)
+        if activation_kind(activation) is None or _has_hooks(activation) or any(map(_has_hooks, layers)):
+            return None
+        if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+            return None
+        return layers
+
+    def forward(self, hidden_states, *args, **kwargs):
+        layers = None if args or kwargs else self.etf_fused_projections()
+        if layers is None:
+            return super().forward(hidden_states, *args, **kwargs)
+        statics, operands = [], []
+        for layer in layers:
+            static, values = _frame_operands(layer)
+            statics.append(static)
+            operands += values
+        form = self.etf_form
+        spec = FusedSpec(activation_kind(getattr(self, form.activation)), form.gate is not None,
+                         bool(self.etf_recompute), tuple(statics))
+        out = _FusedFeedForward.apply(hidden_states, spec, *operands)
+        if form.dropout is not None:
+            out = getattr(self, form.dropout)(out)
+        return out
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def _fused_class(vanilla: type, form: MLPForm) -> type:
+    if vanilla not in _FUSED_CLASSES:
+        name = f"ETFFused{vanilla.__name__}"
+        cls = type(name, (FusedFeedForwardMixin, vanilla), {
+            "etf_form": form, "etf_vanilla_mlp": vanilla, "__module__": __name__,
+            "__doc__": f"{vanilla.__name__} computed by the fused fixed-frame FFN when its projections are ETF layers (etf_hf).",
+        })
+        setattr(sys.modules[__name__], name, cls)
+        _FUSED_CLASSES[vanilla] = cls
+    return _FUSED_CLASSES[vanilla]
+
+
+def fuse_feed_forwards(model: nn.Module, recompute: bool | None = None) -> list[str]:
+    """Switch every MLP module of ``model`` with a known `MLPForm` whose projections are all ETF layers to
+    the fused path; returns their paths. ``recompute`` None: on for a structured up-projection, off for a
+    dense one (see the module docstring)."""
+    fused = []
+    for path, module in model.named_modules():
+        vanilla = getattr(module, "etf_vanilla_mlp", type(module))
+        form = mlp_form(vanilla)
+        if form is None:
+            continue
+        names = [name for name in (form.gate, form.up, form.down) if name is not None]
+        layers = [getattr(module, name, None) for name in names]
+        if not all(isinstance(layer, ETFLinear) for layer in layers):
+            continue
+        module.__class__ = _fused_class(vanilla, form)
+        module.etf_recompute = layers[-2].structured if recompute is None else recompute
+        fused.append(path)
+    return fused
+
+
+def unfuse_feed_forwards(model: nn.Module) -> None:
+    """Give every fused MLP module of ``model`` its vanilla class back (used by `etf_hf.materialize`)."""
+    for module in model.modules():
+        if isinstance(module, FusedFeedForwardMixin):
+            module.__class__ = module.etf_vanilla_mlp
+            del module.etf_recompute
