@@ -61,8 +61,22 @@ def activation_kind(module: nn.Module) -> str | None:
     return {"NewGELUActivation": "gelu_new", "SiLUActivation": "silu"}.get(cls.__name__)
 
 
+def _on_storage(function, *tensors: torch.Tensor) -> torch.Tensor:
+    """function(*tensors), elementwise, evaluated on the tensors' contiguous storage when they are all
+    transposed views (the feature-major hidden activation of a structured frame): torch's vectorised
+    kernels (erf, tanh, ...) run only on contiguous memory, and the strided fallback rounds differently,
+    which would make the fused forward differ from the per-projection one in the last bit."""
+    if all(t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous() for t in tensors):
+        return function(*(t.t() for t in tensors)).t()
+    return function(*tensors)
+
+
 def _activate(kind: str, h: torch.Tensor) -> torch.Tensor:
     """The activation, written as the module computes it (bit-identical outputs to the unfused path)."""
+    return _on_storage(lambda t: _activation(kind, t), h)
+
+
+def _activation(kind: str, h: torch.Tensor) -> torch.Tensor:
     if kind == "gelu":
         return nn.functional.gelu(h)
     if kind == "gelu_tanh":
@@ -76,6 +90,10 @@ def _activate(kind: str, h: torch.Tensor) -> torch.Tensor:
 
 def _activation_backward(kind: str, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """grad * act'(h): torch's own backward kernels where they exist, so gradients match autograd's."""
+    return _on_storage(lambda g, t: _derivative_times(kind, g, t), grad, h)
+
+
+def _derivative_times(kind: str, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     if kind == "gelu":
         return torch.ops.aten.gelu_backward(grad, h)
     if kind == "gelu_tanh":

@@ -1,0 +1,261 @@
+"""The fused fixed-frame FFN: same outputs and gradients as the per-projection ETF layers, nothing saved
+beyond the block input, compile- and checkpointing-safe, and every existing checkpoint loads into it."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForImageClassification
+
+import etf_hf
+from etf_hf import ETFConfig, ETFLinear, materialize, patch
+from etf_hf.ffn import FusedFeedForwardMixin, activation_kind, unfuse_feed_forwards
+from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_vit, token_batch
+
+BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "vit": tiny_vit}
+
+
+def mlps(model: nn.Module) -> list[nn.Module]:
+    return [module for module in model.modules() if isinstance(module, FusedFeedForwardMixin)]
+
+
+def patched(name: str, basis: str = "structured", recompute: bool | None = None) -> nn.Module:
+    model = patch(BUILDERS[name](), ETFConfig(basis=basis, recompute=recompute))
+    with torch.no_grad():  # non-trivial gains and biases, so every gradient term matters
+        for parameter_name, parameter in model.named_parameters():
+            if parameter_name.endswith((".frame_norm", ".bias")) and "mlp" in parameter_name:
+                parameter.mul_(1.3).add_(0.05 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def per_projection(model: nn.Module) -> nn.Module:
+    """The same model computing through its separate ETF layers (the path a partial patch takes)."""
+    reference = copy.deepcopy(model)
+    unfuse_feed_forwards(reference)
+    assert not mlps(reference)
+    return reference
+
+
+def model_inputs(name: str) -> dict[str, torch.Tensor]:
+    if name == "vit":
+        return {"pixel_values": torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(3))}
+    return {"input_ids": token_batch()}
+
+
+def logits_and_grads(model: nn.Module, inputs: dict[str, torch.Tensor], autocast: bool = False):
+    model.zero_grad()
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(**inputs).logits
+    logits.float().square().mean().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert embeddings is None or any("embed" in name or "wte" in name for name in grads)
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("basis", ["orthogonal", "structured", "nearest"])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_fused_equals_per_projection_fp32(name: str, basis: str, recompute: bool) -> None:
+    model = patched(name, basis, recompute)
+    assert len(mlps(model)) == 2 and all(m.etf_recompute is recompute for m in mlps(model))
+    reference = per_projection(model)
+    inputs = model_inputs(name)
+    logits, grads = logits_and_grads(model, inputs)
+    expected, expected_grads = logits_and_grads(reference, inputs)
+    assert torch.equal(logits, expected)  # same operations in the same order: bit-identical forward
+    assert grads.keys() == expected_grads.keys()
+    fixed_frame_grads = [key for key in grads if key.endswith(("frame_norm", "mlp.c_fc.bias", "fc1.bias"))]
+    assert fixed_frame_grads or name == "llama"
+    assert_close_grads(grads, expected_grads, 2e-5)
+
+
+def assert_close_grads(grads: dict, expected: dict, rtol: float) -> None:
+    """Each gradient (input side through every earlier block, gains, biases) within rtol of its own scale;
+    a gain's gradient is one sum with cancellation, so it may also be off by rtol/20 of the largest one."""
+    largest = max(g.abs().max().item() for g in expected.values())
+    for key, grad in grads.items():
+        error = (grad - expected[key]).abs().max().item()
+        assert error <= rtol * expected[key].abs().max().item() + rtol / 20 * largest, key
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_fused_equals_per_projection_under_bf16_autocast(name: str, recompute: bool) -> None:
+    model = patched(name, "structured", recompute)
+    reference = per_projection(model)
+    inputs = model_inputs(name)
+    logits, grads = logits_and_grads(model, inputs, autocast=True)
+    expected, expected_grads = logits_and_grads(reference, inputs, autocast=True)
+    assert logits.dtype == expected.dtype
+    assert torch.equal(logits, expected)
+    assert_close_grads(grads, expected_grads, 2e-2)
+    for _, layer in etf_hf.etf_layers(model):  # frames untouched by autocast
+        assert layer.frame_norm.dtype == torch.float32
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_gradcheck_float64(gated: bool) -> None:
+    """The explicit adjoints are the exact derivative: float64 gradcheck through one fused MLP."""
+    model = patched("llama" if gated else "gpt2", "structured").double()
+    mlp = mlps(model)[0]
+    names = [name for name, _ in mlp.named_parameters()]
+    assert len(names) == (3 if gated else 4)
+    leaves = [p.detach().clone().requires_grad_(True) for _, p in mlp.named_parameters()]
+    x = torch.randn(3, 32, dtype=torch.float64, requires_grad=True)
+
+    def function(x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(mlp, dict(zip(names, values)), (x,))
+
+    assert torch.autograd.gradcheck(function, (x, *leaves))
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_saves_only_the_block_input_and_gains(name: str, recompute: bool) -> None:
+    model = patched(name, "structured", recompute)  # eval: GPT-2's dropout (after the FFN) saves no mask
+    mlp = mlps(model)[0]
+    hidden = mlp.etf_fused_projections()[0].out_features
+    x = torch.randn(4, 6, 32, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mlp(x)
+    gains = [layer.frame_norm for layer in mlp.children() if isinstance(layer, ETFLinear)]
+    shapes = sorted(tuple(t.shape) for t in saved)
+    ups = len(gains) - 1
+    expected = [(1,)] * len(gains) + [(4, 6, 32)] + ([] if recompute else [(24, hidden)] * ups)
+    assert shapes == sorted(expected)
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)
+    # the per-projection layers keep the hidden activation: what the fusion removes
+    unfused = per_projection(model)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        [m for m in unfused.modules() if type(m).__name__.endswith("MLP")][0](x)
+    assert any(t.shape[-1] == hidden for t in saved)
+
+
+def test_gpt2_dropout_still_applies_after_the_fused_ffn() -> None:
+    model = patched("gpt2").train()
+    mlp = mlps(model)[0]
+    mlp.dropout.p = 0.5
+    x = torch.randn(2, 8, 32)
+    torch.manual_seed(4)
+    out = mlp(x)
+    torch.manual_seed(4)
+    assert torch.equal(out, mlp.dropout(mlp.c_proj(mlp.act(mlp.c_fc(x)))))
+    assert (out == 0).float().mean() > 0.2
+
+
+def test_falls_back_where_fusing_would_change_behaviour() -> None:
+    model = patched("gpt2")
+    mlp = mlps(model)[0]
+    x = torch.randn(2, 5, 32)
+    assert mlp.etf_fused_projections() is not None
+    calls = []
+    handle = mlp.c_fc.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    assert mlp.etf_fused_projections() is None
+    mlp(x)
+    assert calls == [(2, 5, 128)]  # the hook fired: the per-projection path ran
+    handle.remove()
+    mlp.act = nn.Tanh()  # no exact derivative known for it
+    assert activation_kind(mlp.act) is None and mlp.etf_fused_projections() is None
+    assert torch.equal(mlp(x), mlp.c_proj(torch.tanh(mlp.c_fc(x))))
+
+
+def test_partial_patch_and_bert_keep_per_projection_layers() -> None:
+    up_only = patch(tiny_gpt2(), ETFConfig(projections="up"))
+    assert not mlps(up_only) and isinstance(up_only.transformer.h[0].mlp.c_fc, ETFLinear)
+    bert = patch(tiny_bert(), ETFConfig(basis="structured"))  # FFN split over two modules: not fused
+    assert not mlps(bert) and len(etf_hf.etf_layers(bert)) == 4
+
+
+def test_materialize_restores_the_vanilla_mlp_class() -> None:
+    model = patched("gpt2", "orthogonal")
+    inputs = token_batch()
+    with torch.no_grad():
+        before = model(inputs).logits
+    materialize(model)
+    assert not mlps(model) and type(model.transformer.h[0].mlp).__name__ == "GPT2MLP"
+    with torch.no_grad():
+        assert torch.allclose(model(inputs).logits, before, atol=1e-5)
+
+
+def test_config_recompute_is_validated_and_recorded() -> None:
+    with pytest.raises(ValueError, match="ETFConfig.recompute='yes'"):
+        ETFConfig(recompute="yes")
+    model = patch(tiny_gpt2(), ETFConfig(basis="orthogonal"))
+    assert model.config.etf["recompute"] is None
+    assert [m.etf_recompute for m in mlps(model)] == [False, False]  # dense frames: no recompute by default
+    structured = patch(tiny_gpt2(), ETFConfig(basis="structured"))
+    assert [m.etf_recompute for m in mlps(structured)] == [True, True]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_gradient_checkpointing_unaffected(name: str) -> None:
+    model = patched(name, "structured").train()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    inputs = model_inputs(name)
+    _, expected = logits_and_grads(model, inputs)
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    calls = [0]
+    for mlp in mlps(model):
+        mlp.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
+    _, grads = logits_and_grads(model, inputs)
+    assert calls[0] == 4  # 2 blocks, each forward run twice (recomputed in backward), fused both times
+    for key, grad in grads.items():
+        assert torch.allclose(grad, expected[key], rtol=1e-5, atol=1e-7), key
+
+
+BASES_AND_STORAGES = [(basis, storage) for basis in ("orthogonal", "canonical", "structured", "nearest")
+                      for storage in ("compact", "dense")]
+
+
+@pytest.mark.parametrize("basis,storage", BASES_AND_STORAGES)
+def test_checkpoints_written_per_projection_load_into_the_fused_path(tmp_path: Path, basis: str, storage: str) -> None:
+    """A checkpoint saved by a model computing per projection (the state-dict format every earlier
+    release wrote: the MLP's own keys) loads into fused MLPs with identical logits."""
+    model = patch(tiny_gpt2(), ETFConfig(basis=basis, storage=storage)).eval()
+    unfuse_feed_forwards(model)
+    keys = set(model.state_dict())
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert len(mlps(loaded)) == 2 and set(loaded.state_dict()) == keys
+    inputs = token_batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs).logits, model(inputs).logits)
+
+
+def test_vit_checkpoint_loads_into_the_fused_path(tmp_path: Path) -> None:
+    model = patched("vit", "structured")
+    inputs = model_inputs("vit")
+    with torch.no_grad():
+        expected = per_projection(model)(**inputs).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert len(mlps(loaded)) == 2
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_compile_fullgraph(name: str) -> None:
+    """No graph break in the fused FFN, forward and backward (aot_eager traces the autograd function's
+    backward too; inductor was checked by hand: same values to 3e-9)."""
+    model = patched(name, "structured")
+    mlp = mlps(model)[0]
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.square().sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    expected = mlp(x)
+    expected.square().sum().backward()
+    assert torch.allclose(out, expected, atol=1e-6) and torch.allclose(grad, x.grad, atol=1e-6)
