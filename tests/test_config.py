@@ -84,10 +84,11 @@ def test_newer_format_names_both_versions() -> None:
         ETFConfig.from_dict(data)
 
 
-def test_version_2_fields_round_trip_and_placement_is_only_a_record() -> None:
-    config = ETFConfig(layers=[], head=True, head_basis="canonical", placement={"rule": "auto", "ncc": [0.5, 0.95]})
+def test_version_2_and_3_fields_round_trip_and_placement_is_only_a_record() -> None:
+    config = ETFConfig(layers=[], head=True, head_basis="canonical", recompute=False,
+                       placement={"rule": "auto", "ncc": [0.5, 0.95]})
     data = json.loads(json.dumps(config.to_dict()))
-    assert data["format_version"] == FORMAT_VERSION == 2
+    assert data["format_version"] == FORMAT_VERSION == 3 and data["recompute"] is False
     assert ETFConfig.from_dict(data) == config and ETFConfig.from_dict(data).placement == config.placement
     assert ETFConfig(layers=[1], placement={"rule": "x"}) == ETFConfig(layers=[1])  # a record, not a setting
     assert ETFConfig().layers is None and ETFConfig(layers="auto").layers == "auto"
@@ -97,6 +98,17 @@ def version_1_dict() -> dict:
     """What etf_hf with format version 1 wrote: no head, head_basis or placement field."""
     return {"layers": [1, 3], "projections": "both", "basis": "nearest", "seed": 0, "gain": "match",
             "trainable_gain": True, "target_modules": None, "storage": "compact", "format_version": 1}
+
+
+def test_version_2_config_loads_with_recompute_defaulted() -> None:
+    """Format 3 added ``recompute``; a version-2 config.etf (written before the fused FFN) lacks it."""
+    data = {k: v for k, v in ETFConfig(layers=[0], basis="structured").to_dict().items() if k != "recompute"}
+    config = ETFConfig.from_dict({**data, "format_version": 2})
+    assert config.recompute is None and config == ETFConfig(layers=[0], basis="structured")
+    with pytest.raises(ValueError, match=r"format_version 2\) has unknown field\(s\) \['recompute'\]"):
+        ETFConfig.from_dict({**data, "format_version": 2, "recompute": True})
+    with pytest.raises(ValueError, match="ETFConfig.recompute=1"):
+        ETFConfig(recompute=1)
 
 
 def test_version_1_config_loads_with_the_new_fields_defaulted() -> None:

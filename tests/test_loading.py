@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForImageClassification,
                           AutoModelForSequenceClassification)
 
-from etf_hf import ETFConfig, etf_layers, patch
+from etf_hf import FORMAT_VERSION, ETFConfig, etf_layers, patch
 from isolated import run_python
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_vit, token_batch
 
@@ -162,14 +162,14 @@ def test_version_1_checkpoint_still_loads(tmp_path: Path) -> None:
     model = patch(tiny_bert(), ETFConfig(layers=[1], basis="nearest")).eval()
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    for added in ("head", "head_basis", "placement"):
+    for added in ("head", "head_basis", "placement", "recompute"):
         del config["etf"][added]
     config["etf"]["format_version"] = 1
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
     inputs = {"input_ids": token_batch(120)}
     assert ETFConfig.from_dict(loaded.config.etf) == ETFConfig.from_dict(model.config.etf)
-    assert loaded.config.etf["format_version"] == 2 and not loaded.config.etf["head"]
+    assert loaded.config.etf["format_version"] == FORMAT_VERSION and not loaded.config.etf["head"]
     assert torch.equal(outputs(loaded, inputs), outputs(model, inputs))
 
 

@@ -270,3 +270,32 @@ def test_patched_gpt2_saves_no_frame_and_reloads_identically(tmp_path: Path) -> 
         assert layer.basis == "structured" and "frame" not in dict(layer.named_buffers()), name
         assert torch.equal(layer.frame, original.frame), name
 
+
+
+@pytest.mark.parametrize("max_factor", [2, 8, 16, 64])
+@pytest.mark.parametrize("num_vectors,dim", SHAPES)
+def test_fast_operator_equals_the_dense_frame_for_any_kronecker_split(num_vectors: int, dim: int, max_factor: int) -> None:
+    """Sylvester blocks factorise over any split of their index bits: the fast path may choose its own
+    factors (H64 = H8 (x) H8, ...) and still apply exactly the plan's frame (fp32 to 1e-5)."""
+    plan = structured_plan(num_vectors, dim, seed=4)
+    operator = structured_operator(plan, max_factor)
+    assert all(f <= max_factor for factors in operator.layout[4] for f in factors)
+    op32 = operator._replace(signs=operator.signs.float(), hadamard=operator.hadamard.float())
+    frame = structured_dense(plan, torch.float32)
+    x = torch.randn(11, num_vectors)
+    y = torch.randn(11, dim)
+    assert torch.allclose(structured_apply(x, op32), x @ frame.t(), atol=1e-5)
+    assert torch.allclose(structured_apply_t(y, op32), y @ frame, atol=1e-5)
+
+
+def test_fast_path_activates_every_hidden_unit_at_ffn_size() -> None:
+    """Measured with the fast path itself: a 512 -> 2048 up-projection (one 2048-wide Hadamard block, no
+    narrow blocks) gives every hidden unit input (no unit sees only its bias), and GELU of the hidden
+    features has full rank 2048 over enough inputs."""
+    layer = ETFLinear(512, 2048, basis="structured", seed=1, gain=1.0)
+    with torch.no_grad():
+        layer.bias.normal_()
+        columns = layer(torch.eye(512)) - layer.bias  # row i: the frame's response to input i
+        assert (columns.abs().sum(0) > 1e-3).all()  # every hidden unit depends on the input
+        hidden = nn.functional.gelu(layer(torch.randn(4096, 512)))
+    assert int(torch.linalg.matrix_rank(hidden.double())) == 2048
