@@ -34,7 +34,7 @@ from torch import nn
 
 from .architectures import MLPForm, mlp_form
 from .etf import StructuredOperator, structured_rows_apply, structured_rows_apply_t
-from .layers import ETFLinear, column_sums, inner_product
+from .layers import ETFLinear, accumulation_dtype, column_sums, inner_product
 
 _SQRT_2_OVER_PI = 0.7978845608028654  # math.sqrt(2.0 / math.pi)
 _GELU_TANH_CUBIC = 0.044715
@@ -71,6 +71,12 @@ def _on_storage(function, *tensors: torch.Tensor) -> torch.Tensor:
     return function(*tensors)
 
 
+#: Backward recomputes the activation only for gradients, not for outputs: GPT-2's written-out tanh
+#: approximation is then evaluated by torch's single fused kernel for the same function (7 passes over
+#: the hidden activation fewer; differences at float rounding, in gradients only).
+_BACKWARD_KIND = {"gelu_new": "gelu_tanh"}
+
+
 def _activate(kind: str, h: torch.Tensor) -> torch.Tensor:
     """The activation, written as the module computes it (bit-identical outputs to the unfused path)."""
     return _on_storage(lambda t: _activation(kind, t), h)
@@ -98,14 +104,12 @@ def _derivative_times(kind: str, grad: torch.Tensor, h: torch.Tensor) -> torch.T
         return torch.ops.aten.gelu_backward(grad, h)
     if kind == "gelu_tanh":
         return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
-    if kind == "gelu_new":
-        inner = _SQRT_2_OVER_PI * (h + _GELU_TANH_CUBIC * h * h * h)
-        t = torch.tanh(inner)
-        slope = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * h * h)
-        return grad * (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * slope)
     if kind == "silu":
         return torch.ops.aten.silu_backward(grad, h)
-    return torch.where(h > 0, grad, torch.zeros_like(grad))
+    if kind == "relu":
+        return torch.where(h > 0, grad, torch.zeros_like(grad))
+    raise ValueError(f"no fused derivative for activation {kind!r} (backward evaluates {sorted(_BACKWARD_KIND)} "
+                     f"as {sorted(_BACKWARD_KIND.values())})")
 
 
 class _Frame(NamedTuple):
@@ -202,38 +206,44 @@ class _FusedFeedForward(torch.autograd.Function):
         ups, down = frames[:-1], frames[-1]
         needs = ctx.needs_input_grad[2:]
         grads: list[torch.Tensor | None] = [None] * len(operands)
+        # Passes over the n x 4d hidden side: recompute (a transform), h, act(h), the down adjoint
+        # (a transform), <adjoint, act(h)>, act'(h) * adjoint, its column sums, the up adjoint (a
+        # transform). The down gain is factored out of the hidden gradient and applied to the narrow
+        # side instead, and the up gain's gradient is <up adjoint, x> on the narrow side too.
         with torch.autocast(x.device.type, enabled=False):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
             pres = [frame.project(flat) for frame in ups] if spec.recompute else list(saved[1 + count:])
-            hidden = [_affine(pre, frame, dtype) for pre, frame in zip(pres, ups)]
+            hidden = [pre * frame.gain.to(dtype) if frame.bias is None else
+                      torch.addcmul(frame.bias.to(dtype), pre, frame.gain.to(dtype)) for pre, frame in zip(pres, ups)]
             grad = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
             if down.bias is not None and needs[bias_at[-1]]:
                 grads[bias_at[-1]] = column_sums(grad).to(down.bias.dtype)
             back = down.adjoint(grad)
-            if spec.gated:
-                gate_out = _activate(spec.activation, hidden[0])
-                activated = gate_out * hidden[1]
-            else:
-                activated = _activate(spec.activation, hidden[0])
+            kind = _BACKWARD_KIND.get(spec.activation, spec.activation)
+            gate_out = _activate(kind, hidden[0])
+            activated = gate_out * hidden[1] if spec.gated else gate_out
             if needs[gain_at[-1]]:
                 grads[gain_at[-1]] = inner_product(back, activated).to(down.gain.dtype).reshape(down.gain.shape)
-            grad_activated = back * down.gain.to(dtype)
-            if spec.gated:
-                grad_hidden = [_activation_backward(spec.activation, grad_activated * hidden[1], hidden[0]),
-                               grad_activated * gate_out]
+            if spec.gated:  # d/d(hidden) / down gain
+                grad_hidden = [_activation_backward(kind, back * hidden[1], hidden[0]), back * gate_out]
             else:
-                grad_hidden = [_activation_backward(spec.activation, grad_activated, hidden[0])]
+                grad_hidden = [_activation_backward(kind, back, hidden[0])]
+            down_gain = down.gain.to(accumulation_dtype(down.gain))
             grad_x = None
             for i, frame in enumerate(ups):
                 if frame.bias is not None and needs[bias_at[i]]:
-                    grads[bias_at[i]] = column_sums(grad_hidden[i]).to(frame.bias.dtype)
+                    grads[bias_at[i]] = (column_sums(grad_hidden[i]) * down_gain).to(frame.bias.dtype)
+                if not (needs[gain_at[i]] or ctx.needs_input_grad[0]):
+                    continue
+                back_x = frame.adjoint(grad_hidden[i])
                 if needs[gain_at[i]]:
-                    grads[gain_at[i]] = inner_product(grad_hidden[i], pres[i]).to(frame.gain.dtype).reshape(frame.gain.shape)
+                    gain_grad = inner_product(back_x, flat) * down_gain
+                    grads[gain_at[i]] = gain_grad.to(frame.gain.dtype).reshape(frame.gain.shape)
                 if ctx.needs_input_grad[0]:
-                    term = frame.adjoint(grad_hidden[i]) * frame.gain.to(dtype)
+                    term = back_x * (down.gain * frame.gain).to(dtype)
                     grad_x = term if grad_x is None else grad_x + term
         if grad_x is not None:
-            grad_x = grad_x.to(ctx.input_dtype).reshape(x.shape)
+            grad_x = grad_x.to(ctx.input_dtype).contiguous().reshape(x.shape)
         return (grad_x, None, *grads)
 
 
