@@ -451,11 +451,10 @@ def _structured_rotate(inputs: torch.Tensor, plan: StructuredPlan, scale: float)
 # its 4d-wide hidden activation feature-major from the up-projection to the down-projection.
 
 #: Largest Kronecker factor of the fast transform: sum(factors) multiply-adds per element in
-#: len(factors) GEMMs (2048 -> 64 x 32: 96 in 2; with 16: 16 x 16 x 8, 40 in 3). Small factors make
-#: memory-bound GEMMs; measured on the shared 2-core CPU (fp32, 2048 x 1024, one thread, loaded
-#: machine, so roughly): 64 x 32 ~20 ms, 16 x 16 x 8 ~25 ms, 8 x 8 x 8 x 4 ~37 ms, the dense
-#: 1024 x 512 x 2048 GEMM ~75 ms.
-FAST_MAX_FACTOR = 64
+#: len(factors) GEMMs (2048 -> 64 x 32: 96 in 2 GEMMs; 16 x 16 x 8: 40 in 3; 8 x 8 x 8 x 4: 28 in 4).
+#: Measured on the shared 2-core CPU (fp32, feature-major 2048 x 1024, one thread, best of 9, a loaded
+#: machine, so roughly): 8 ~15 ms, 16 ~16 ms, 64 ~25 ms; the dense 1024 x 512 x 2048 GEMM ~90 ms.
+FAST_MAX_FACTOR = 16
 
 
 class StructuredOperator(NamedTuple):

@@ -20,9 +20,9 @@ down-projection, so no 4d-wide tensor is transposed or column-gathered.
 The fused module is the model's own MLP module with its class swapped to a subclass (like the model's
 ``ETF*`` class): same children, same state-dict keys, so every checkpoint loads either way. It falls
 back to the MLP's own forward whenever fusing would change behaviour: a projection that is not an
-`ETFLinear` (a partial patch, or after `materialize`), forward hooks on a projection or the activation
-(they would not fire inside the fusion), an activation it has no exact derivative for, or extra
-forward arguments.
+`ETFLinear` (a partial patch, or after `materialize`), hooks on a projection or the activation, or a
+forward replaced on one (the fusion would bypass them), an activation it has no exact derivative for,
+or extra forward arguments.
 """
 from __future__ import annotations
 
@@ -257,9 +257,11 @@ def _frame_operands(layer: ETFLinear) -> tuple[tuple, list]:
     return ("dense", False, None, layer.bias is not None, 1), [layer.frame_norm, layer.bias, layer.frame]
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def _observed(module: nn.Module) -> bool:
+    """Whether something outside etf_hf watches or replaces this module's forward (hooks, or a forward
+    set on the instance): the fused path would bypass it."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+                or module._backward_pre_hooks or "forward" in module.__dict__)
 
 
 class FusedFeedForwardMixin:
@@ -278,7 +280,7 @@ class FusedFeedForwardMixin:
         if not all(isinstance(layer, ETFLinear) for layer in layers):
             return None
         activation = getattr(self, form.activation)
-        if activation_kind(activation) is None or _has_hooks(activation) or any(map(_has_hooks, layers)):
+        if activation_kind(activation) is None or _observed(activation) or any(map(_observed, layers)):
             return None
         if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
             return None

@@ -160,6 +160,10 @@ def test_falls_back_where_fusing_would_change_behaviour() -> None:
     mlp(x)
     assert calls == [(2, 5, 128)]  # the hook fired: the per-projection path ran
     handle.remove()
+    mlp.c_proj.forward = lambda x: torch.zeros(*x.shape[:-1], 32)  # a replaced forward is honoured
+    assert mlp.etf_fused_projections() is None and not mlp(x).any()
+    del mlp.c_proj.forward
+    assert mlp.etf_fused_projections() is not None
     mlp.act = nn.Tanh()  # no exact derivative known for it
     assert activation_kind(mlp.act) is None and mlp.etf_fused_projections() is None
     assert torch.equal(mlp(x), mlp.c_proj(torch.tanh(mlp.c_fc(x))))
