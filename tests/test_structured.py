@@ -299,3 +299,17 @@ def test_fast_path_activates_every_hidden_unit_at_ffn_size() -> None:
         assert (columns.abs().sum(0) > 1e-3).all()  # every hidden unit depends on the input
         hidden = nn.functional.gelu(layer(torch.randn(4096, 512)))
     assert int(torch.linalg.matrix_rank(hidden.double())) == 2048
+
+
+def test_frame_values_are_bit_for_bit_those_of_earlier_releases() -> None:
+    """The fast path changed how activations are transformed, never the frame: sha256 of the float32
+    frames, computed with the code before the fast operator existed (commit c302e56)."""
+    import hashlib
+
+    def digest(tensor: torch.Tensor) -> str:
+        return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+    frames = [simplex_etf(k, d, "structured", seed=3) for k, d in [(64, 256), (48, 192), (96, 1000)]]
+    assert [digest(f) for f in frames] == ["2464b95e526c9724", "079117feb79a895c", "f0f22092c32fbeb4"]
+    assert digest(ETFLinear(768, 3072, basis="structured", seed=11).frame) == "d5a0e4355c76f00e"
+    assert digest(ETFLinear(3072, 768, basis="structured", seed=11).frame) == "1305a482bee1c9d4"
