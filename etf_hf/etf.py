@@ -530,7 +530,9 @@ def _fast_blocks(rows: torch.Tensor, source: torch.Tensor, op: StructuredOperato
 
 def spread_rows(rows: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
     """(m, N) -> (D, N): Perm_out . BlockHadamard . Embed, feature-major (signs and scale not applied)."""
-    padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+    padded = rows.new_empty(rows.shape[0] + 1, rows.shape[1])  # copy_ transposes ~4x faster than cat
+    padded[:-1].copy_(rows)
+    padded[-1].zero_()
     return _fast_blocks(padded, op.spread, op).index_select(0, op.perm)
 
 
