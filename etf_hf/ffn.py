@@ -47,7 +47,7 @@ def activation_kind(module: nn.Module) -> str | None:
     cls = type(module)
     if cls is nn.GELU:
         return "gelu" if module.approximate == "none" else "gelu_tanh"
-    if cls in (nn.SiLU,):
+    if cls is nn.SiLU:
         return "silu"
     if cls is nn.ReLU:
         return "relu"
@@ -144,13 +144,13 @@ class FusedSpec(NamedTuple):
     activation: str
     gated: bool
     recompute: bool
-    frames: tuple[tuple[str, bool, tuple | None, bool, int], ...]  # (kind, transposed, layout, has bias, #tensors)
+    frames: tuple[tuple[str, bool, tuple | None, int], ...]  # (kind, transposed, layout, number of tensors)
 
 
 def _unflatten(spec: FusedSpec, operands: tuple) -> tuple[list[_Frame], list[int], list[int]]:
     """The frames (gate?, up, down), and each one's gain and bias position in ``operands``."""
     frames, gain_at, bias_at, at = [], [], [], 0
-    for kind, transposed, layout, _, count in spec.frames:
+    for kind, transposed, layout, count in spec.frames:
         gain_at.append(at)
         bias_at.append(at + 1)
         frames.append(_Frame(kind, transposed, layout, operands[at], operands[at + 1],
@@ -252,9 +252,8 @@ def _frame_operands(layer: ETFLinear) -> tuple[tuple, list]:
     if layer.structured:
         layout, transposed = layer._structured_layout
         tensors = list(layer.operator[1:])
-        return ("structured", transposed, layout, layer.bias is not None, len(tensors)), [
-            layer.frame_norm, layer.bias, *tensors]
-    return ("dense", False, None, layer.bias is not None, 1), [layer.frame_norm, layer.bias, layer.frame]
+        return ("structured", transposed, layout, len(tensors)), [layer.frame_norm, layer.bias, *tensors]
+    return ("dense", False, None, 1), [layer.frame_norm, layer.bias, layer.frame]
 
 
 def _observed(module: nn.Module) -> bool:
