@@ -45,12 +45,12 @@ def probe_model(spec: RunSpec, data: DataSplits, mode: str | None, checkpoint: s
             raise ConfigError(f"--checkpoint {str(path)!r} holds no config.json: pass a mode folder written by "
                               f"`etf-hf train` (e.g. runs/quickstart-.../etf)")
         return TASKS[spec.task].auto_class.from_pretrained(path)
-    model = build_model(spec, data, spec.training.get("seed", 42))
+    modes = {m.name: m for m in spec.modes}
+    if mode is not None and mode not in modes:
+        raise ConfigError(f"--mode {mode!r} is not a mode of this recipe; modes: {', '.join(modes)}")
+    model = build_model(spec, data, spec.training.get("seed", 42), modes.get(mode))
     if mode is None:
         return model
-    modes = {m.name: m for m in spec.modes}
-    if mode not in modes:
-        raise ConfigError(f"--mode {mode!r} is not a mode of this recipe; modes: {', '.join(modes)}")
     placement = placement_data(modes[mode], "pretrained" in spec.model, data.train, len(data.label_names),
                                data.collator, spec.data["seed"])
     return apply_mode(model, modes[mode], **placement)

@@ -738,7 +738,18 @@ def write_report(run_dirs: Sequence[str | Path], output: str | Path | None = Non
     plots = [p for p in (plot_loss_curves(modes, out / "report_training_loss.png"),
                          plot_metric(modes, chosen, baseline, out / "report_metric.png"),
                          plot_ncc(modes, out / "report_ncc.png")) if p is not None]
-    markdown = render_report(runs, modes, baseline, chosen, plots)
+    markdown = render_report(runs, modes, baseline, chosen, plots) + _frontier_markdown(runs, modes, baseline, chosen, out)
     report_file = out / "report.md"
     report_file.write_text(markdown, encoding="utf-8")
     return report_file, markdown
+
+
+def _frontier_markdown(runs: Sequence[Run], modes: Sequence[ModeSummary], baseline: str, metric: Metric,
+                       out: Path) -> str:
+    """The cost–quality frontier section (`etf_hf.app.frontier`), for runs that measured step time and memory."""
+    from .frontier import frontier_section
+
+    lines, plots = frontier_section(runs, modes, baseline, metric, out)
+    if not lines:
+        return ""
+    return "\n".join(["", *lines, "", *(f"![{path.stem}]({path.name})" for path in plots), ""])

@@ -41,6 +41,7 @@ from huggingface_hub.errors import StrictDataclassError
 
 from ..controls import CONTROL_BASES
 from .data import validate_data
+from .frontier import CostMeter, validate_mode_models
 from .treatments import (ModeSpec, adaptive_callback, apply_mode, check_modes_fit_model, input_embeddings, placement_data,
                     validate_modes)
 from .recipe import (DEFAULT_CONFIG, TOP_LEVEL_KEYS, ConfigError, apply_overrides, expect, load_config, reject_unknown,
@@ -101,10 +102,11 @@ def validate(raw: dict[str, Any], name: str = "config") -> RunSpec:
     spec = RunSpec(name=name, task=task.name, model=model, data=data, modes=modes, training=training,
                    output_dir=output_dir, torch_threads=threads, raw=raw)
 
-    def skeleton() -> torch.nn.Module:
+    def skeleton(mode: ModeSpec) -> torch.nn.Module:
         with torch.device("meta"):
-            return task.auto_class.from_config(model_config(spec))
+            return task.auto_class.from_config(model_config(spec, mode))
 
+    validate_mode_models(model, modes, skeleton)
     check_modes_fit_model(spec.modes, skeleton)
     return spec
 
@@ -274,17 +276,18 @@ def load_data(spec: RunSpec) -> DataSplits:
     return prepare_data(task, spec.data, model_config(spec), tokenizer)
 
 
-def model_config(spec: RunSpec, **overrides: Any) -> Any:
-    """The transformers config of the recipe's model (loaded from the folder for ``pretrained``)."""
+def model_config(spec: RunSpec, mode: ModeSpec | None = None, **overrides: Any) -> Any:
+    """The transformers config of the recipe's model (loaded from the folder for ``pretrained``), with
+    ``mode``'s own ``model`` settings (a dense baseline of another size) when given."""
     from transformers import AutoConfig
 
     if "pretrained" in spec.model:
         return AutoConfig.from_pretrained(spec.model["pretrained"], **overrides)
-    return AutoConfig.for_model(**{**spec.model["from_config"], **overrides})
+    return AutoConfig.for_model(**{**spec.model["from_config"], **(mode.model if mode else {}), **overrides})
 
 
-def build_model(spec: RunSpec, data: DataSplits, seed: int) -> Any:
-    """A fresh model for one mode; seeded, so every mode starts from the same initial weights."""
+def build_model(spec: RunSpec, data: DataSplits, seed: int, mode: ModeSpec | None = None) -> Any:
+    """A fresh model for one mode; seeded, so every mode of one size starts from the same initial weights."""
     from transformers import set_seed
 
     task = TASKS[spec.task]
@@ -296,7 +299,7 @@ def build_model(spec: RunSpec, data: DataSplits, seed: int) -> Any:
             return task.auto_class.from_pretrained(path, ignore_mismatched_sizes=True, **kwargs)
         except (OSError, ValueError) as error:
             raise ConfigError(f"model.pretrained {spec.raw['model']['pretrained']!r} could not be loaded: {error}") from None
-    return task.auto_class.from_config(model_config(spec, **kwargs))
+    return task.auto_class.from_config(model_config(spec, mode, **kwargs))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,7 +323,8 @@ def train_mode(spec: RunSpec, mode: ModeSpec, data: DataSplits, run_dir: Path) -
     num_classes = len(data.label_names)
     placement = placement_data(mode, "pretrained" in spec.model, data.train, num_classes, data.collator,
                                spec.data["seed"])
-    model = apply_mode(build_model(spec, data, args.seed), mode, **placement)
+    cost = CostMeter(args.device)  # before the model is built: its memory counts from here
+    model = apply_mode(build_model(spec, data, args.seed, mode), mode, **placement)
     params = parameter_summary(model)
     print(f"\n=== mode {mode.name!r} ({_kind_in_words(mode)}): {params['trainable']:,} of {params['total']:,} "
           f"weights trainable ({100 * params['trainable'] / params['total']:.1f}%), {params['etf_fixed']:,} fixed in "
@@ -329,6 +333,7 @@ def train_mode(spec: RunSpec, mode: ModeSpec, data: DataSplits, run_dir: Path) -
                       eval_dataset=data.test if args.eval_strategy != "no" else None,
                       data_collator=data.collator or default_data_collator, processing_class=data.tokenizer,
                       compute_metrics=task.compute_metrics())
+    trainer.add_callback(cost)
     callback = None
     if mode.adaptive is not None:
         callback = adaptive_callback(mode, data.train, num_classes, spec.data["seed"]).attach(trainer)
@@ -341,8 +346,9 @@ def train_mode(spec: RunSpec, mode: ModeSpec, data: DataSplits, run_dir: Path) -
               flush=True)
     test = trainer.evaluate(eval_dataset=data.test, metric_key_prefix="test")
     trainer.save_model(str(mode_dir))
-    return _mode_row(task, mode, model, params, parameter_summary(model)["trainable"], test, train_time,
-                     trainer.state, callback, mode_dir)
+    row = _mode_row(task, mode, model, params, parameter_summary(model)["trainable"], test, train_time,
+                    trainer.state, callback, mode_dir)
+    return {**row, **cost.record(mode)}
 
 
 def _kind_in_words(mode: ModeSpec) -> str:
@@ -438,6 +444,7 @@ def _run(spec: RunSpec) -> dict[str, Any]:
     run_dir = spec.output_dir or default_run_dir(spec.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False), encoding="utf-8")
+    _prime_runtime(spec, data)
     modes = [train_mode(spec, mode, data, run_dir) for mode in spec.modes]
     labels = {"num_labels": len(data.label_names), "label_names": data.label_names} if task.has_labels else {}
     metrics = {
@@ -454,6 +461,18 @@ def _run(spec: RunSpec) -> dict[str, Any]:
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
+
+
+def _prime_runtime(spec: RunSpec, data: DataSplits) -> None:
+    """One forward and backward pass of the recipe's model on one training batch, discarded, before the first
+    mode: one-off costs (kernel selection, allocator arenas, lazily loaded libraries) would otherwise land in
+    the first mode's measured step time and peak memory (`etf_hf.app.frontier.CostMeter`) alone."""
+    from transformers import default_data_collator
+
+    size = min(int(spec.training.get("per_device_train_batch_size", 8)), len(data.train))
+    batch = (data.collator or default_data_collator)([data.train[i] for i in range(size)])
+    model = build_model(spec, data, int(spec.training.get("seed", 42)))
+    model(**batch).loss.backward()
 
 
 def _environment() -> dict[str, Any]:

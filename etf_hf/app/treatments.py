@@ -18,6 +18,10 @@ initial weights, data order and `TrainingArguments`::
     - name: etf_frozen_embeddings        # any mode but LoRA may also freeze the input embeddings
       etf: {layers: "last:3"}                      #   (``model.get_input_embeddings()``): in a pretrained text
       freeze_input_embeddings: true                #   model they can be half of all weights
+    - name: dense_n_inner512             # a model built from_config may change size per mode: a dense
+      model: {n_inner: 512}                        #   baseline of any size in the same run (etf_hf.app.frontier)
+    - name: dense_iso_params             # ... or have a size derived: the n_inner at which this dense
+      match: {mode: etf, by: params, vary: n_inner}  # model trains as many weights as mode 'etf'
 
 An ``etf`` mode with ``layers: auto`` (or, on a pretrained model, with ``layers`` unset) has `etf_hf.patch`
 choose the blocks by nearest-class-mean accuracy on `PROBE_SIZE` random training examples.
@@ -73,6 +77,11 @@ class ModeSpec:
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: ``requires_grad=False`` on the input embedding module's parameters, on top of the treatment.
     freeze_input_embeddings: bool = False
+    #: The mode's own ``model.from_config`` settings over the recipe's (checked by `etf_hf.app.frontier`; a
+    #: ``match`` writes the value it derives here).
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: An iso-cost match (`etf_hf.app.frontier.Match`): the size setting derived from another mode's cost.
+    match: Any = None
 
     @property
     def kind(self) -> str:
@@ -91,7 +100,7 @@ def validate_modes(value: Any, has_labels: bool, model_type: str, training: dict
     for i, mode in enumerate(value):
         where = f"modes[{i}]"
         expect(mode, dict, where, "a mapping with 'name' and at most one of " + ", ".join(TREATMENTS))
-        reject_unknown(mode, ("name", "training", "freeze_input_embeddings", *TREATMENTS), where)
+        reject_unknown(mode, ("name", "training", "freeze_input_embeddings", "model", "match", *TREATMENTS), where)
         name = expect(mode.get("name"), str, f"{where}.name", "a name made of letters, digits, '_', '-', '.'")
         if not _MODE_NAME.fullmatch(name) or name in {m.name for m in modes}:
             raise ConfigError(f"{where}.name {name!r} must be unique and made of letters, digits, '_', '-', '.'")
@@ -100,7 +109,10 @@ def validate_modes(value: Any, has_labels: bool, model_type: str, training: dict
             raise ConfigError(f"{where} sets {' and '.join(treatments)}; a mode takes at most one of "
                               f"{', '.join(TREATMENTS)} (make one mode for each)")
         spec = ModeSpec(name, training=_validate_mode_training(mode.get("training"), f"{where}.training"),
-                        freeze_input_embeddings=_validate_freeze_embeddings(mode, where, treatments))
+                        freeze_input_embeddings=_validate_freeze_embeddings(mode, where, treatments),
+                        model=dict(expect(mode.get("model") or {}, dict, f"{where}.model",
+                                          "a mapping of model.from_config settings for this mode")),
+                        match=mode.get("match"))
         if treatments:
             key = treatments[0]
             settings = expect(mode[key], dict, f"{where}.{key}", "a mapping (may be empty: {})")
@@ -224,33 +236,40 @@ _VALIDATORS: dict[str, Callable[..., Any]] = {"etf": _validate_etf, "frozen": _v
                                               "lora": _validate_lora, "adaptive": _validate_adaptive}
 
 
-def check_modes_fit_model(modes: list[ModeSpec], skeleton: Callable[[], torch.nn.Module]) -> None:
+def check_modes_fit_model(modes: list[ModeSpec], skeleton: Callable[[ModeSpec], torch.nn.Module]) -> None:
     """Surface apply-time errors (``layers: last:9`` on a 4-block model, a LoRA target that matches nothing)
-    now, not after the first mode trained. ``skeleton()`` builds the model on the meta device (structure
-    only, no memory); LoRA gets a fresh one, since peft rewrites the model it wraps."""
+    now, not after the first mode trained. ``skeleton(mode)`` builds the mode's model (its own ``model``
+    settings over the recipe's) on the meta device (structure only, no memory); modes of one model share
+    it, and LoRA gets a fresh one, since peft rewrites the model it wraps."""
     from ..architectures import find_slots
     from ..config import ETFConfig
 
-    shared = None
+    built: dict[str, torch.nn.Module] = {}
+
+    def shared(mode: ModeSpec) -> torch.nn.Module:
+        key = repr(sorted(mode.model.items()))
+        if key not in built:
+            built[key] = skeleton(mode)
+        return built[key]
+
     for i, mode in enumerate(modes):
         if mode.freeze_input_embeddings:
-            shared = shared if shared is not None else skeleton()
-            _embeddings_to_freeze(shared, f"modes[{i}].freeze_input_embeddings")
+            _embeddings_to_freeze(shared(mode), f"modes[{i}].freeze_input_embeddings")
         if mode.lora is not None:
-            _lora_model(skeleton(), mode.lora, f"modes[{i}].lora")
+            _lora_model(skeleton(mode), mode.lora, f"modes[{i}].lora")
             continue
         selection = {"etf": mode.etf, "frozen": mode.frozen and ETFConfig(**mode.frozen),
                      "adaptive": mode.adaptive and ETFConfig(basis=mode.adaptive.get("basis", "nearest"))}
         config = selection.get(mode.kind)
         if config is None or config.layers == "auto":  # auto: chosen from data at patch time
             continue
-        shared = shared if shared is not None else skeleton()
+        model = shared(mode)
         try:
-            slots = find_slots(shared, config)
+            slots = find_slots(model, config)
         except ValueError as error:
             raise ConfigError(f"modes[{i}].{mode.kind}: {error}") from None
         if not slots:
-            raise ConfigError(f"modes[{i}].{mode.kind} selects no feed-forward projection of {type(shared).__name__}")
+            raise ConfigError(f"modes[{i}].{mode.kind} selects no feed-forward projection of {type(model).__name__}")
 
 
 def _lora_model(model: torch.nn.Module, settings: dict[str, Any], where: str) -> torch.nn.Module:
