@@ -62,7 +62,8 @@ def test_per_mode_model_settings_train_models_of_that_size(tmp_path: Path) -> No
     assert match["achieved_trainable_params"] == rows["iso"]["trainable_params"]
     assert abs(match["relative_error"]) <= 0.02
     for row in rows.values():  # cost measured in the same run
-        assert row["step_time_s_median"] > 0 and row["steps_timed"] == 3 and row["peak_memory_bytes"] is not None
+        assert row["step_time_s_median"] > 0 and row["step_cpu_time_s_median"] > 0 and row["steps_timed"] == 3
+        assert row["peak_memory_bytes"] is not None
 
 
 @pytest.mark.slow
@@ -247,6 +248,19 @@ def test_report_frontier_table_and_plots(tmp_path: Path) -> None:
         png = tmp_path / "report" / f"report_frontier_{axis}.png"
         assert png.stat().st_size > 10_000 and f"![report_frontier_{axis}](report_frontier_{axis}.png)" in markdown
     assert "load average at the start of the modes' training: 1.5–3.5" in section
+
+
+def test_report_prefers_cpu_time_when_every_row_has_it(tmp_path: Path) -> None:
+    """On a loaded CPU machine wall time includes waits for a core; the time axis then uses CPU time."""
+    runs = [write_frontier_run(tmp_path / f"s{seed}", seed) for seed in range(3)]
+    for run in runs:
+        metrics = json.loads((run / "metrics.json").read_text())
+        for row in metrics["modes"]:
+            row["step_cpu_time_s_median"] = {"full": 0.4, "etf_all": 0.2}.get(row["name"], 0.1)
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    _, markdown = write_report(runs, tmp_path / "report")
+    assert "optimizer-step CPU time (process)" in markdown
+    assert "| etf_all | ETF: structured | recipe's | 400 | 0.50 |" in markdown
 
 
 def test_report_without_cost_measurements_has_no_frontier(tmp_path: Path) -> None:

@@ -201,8 +201,12 @@ def derive(mode: ModeSpec, target: ModeSpec, skeleton: Callable[[ModeSpec], torc
 
 
 class CostMeter(TrainerCallback):
-    """A `TrainerCallback` measuring the wall time of every optimizer step (forward, backward, optimizer;
-    not data loading) and the peak memory of the training run.
+    """A `TrainerCallback` measuring the wall time and the process CPU time of every optimizer step
+    (forward, backward, optimizer; not data loading) and the peak memory of the training run.
+
+    CPU time is the cost measure that survives a loaded machine: wall time there includes the waits for a
+    core that other processes hold, CPU time only the work this process did (all its threads). On a GPU
+    the wall time is the measure (the CPU mostly waits).
 
     Memory is `etf_hf.app.bench.MemoryMeter`'s: CUDA ``max_memory_allocated``, on CPU the peak resident set
     from before the model was built (create the meter first) through training, so weights, gradients,
@@ -218,6 +222,8 @@ class CostMeter(TrainerCallback):
         self.memory = MemoryMeter(self.device)
         self.memory.before_build()
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
+        self._cpu_begin = 0.0
         self.peak: int | None = None
         self.load: list[float] = []
         self._begin = 0.0
@@ -232,22 +238,25 @@ class CostMeter(TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._sync()
-        self._begin = time.perf_counter()
+        self._begin, self._cpu_begin = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._sync()
         self.times.append(time.perf_counter() - self._begin)
+        self.cpu_times.append(time.process_time() - self._cpu_begin)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.peak = self.memory.peak()
 
     def record(self, mode: ModeSpec) -> dict[str, Any]:
         """The mode's metrics.json fields: its model settings and match, step time, memory, machine load."""
-        timed = self.times[self.WARMUP:] if len(self.times) > self.WARMUP else self.times
+        skip = self.WARMUP if len(self.times) > self.WARMUP else 0
+        timed, cpu = self.times[skip:], self.cpu_times[skip:]
         return {
             "model": dict(mode.model),
             "match": mode.match.record() if mode.match is not None else None,
             "step_time_s_median": statistics.median(timed) if timed else None,
+            "step_cpu_time_s_median": statistics.median(cpu) if cpu and self.device.type == "cpu" else None,
             "steps_timed": len(timed),
             "peak_memory_bytes": self.peak,
             "memory_kind": self.memory.kind or "cuda max_memory_allocated",
@@ -291,9 +300,16 @@ class FrontierPoint:
         return self.summary.treatment == "full"
 
 
+def time_key(runs: Sequence[Any]) -> str:
+    """The step time the time axis uses: CPU time when every row has it (CPU runs), else wall time."""
+    rows = [row for run in runs for row in run.metrics["modes"]]
+    return "step_cpu_time_s_median" if all(row.get("step_cpu_time_s_median") for row in rows) else "step_time_s_median"
+
+
 def frontier_points(runs: Sequence[Any], modes: Sequence[Any], baseline: str) -> list[FrontierPoint]:
-    """Costs per mode: trainable parameters, the median step time as a ratio to the baseline mode's of the
-    same seed (mean over seeds), and peak memory (mean over seeds). A cost a row does not record is None."""
+    """Costs per mode: trainable parameters, the median step time (`time_key`) as a ratio to the baseline
+    mode's of the same seed (mean over seeds), and peak memory (mean over seeds). A cost a row does not
+    record is None."""
     from .report import paired_interval
 
     rows: dict[str, dict[Any, dict[str, Any]]] = {}
@@ -301,11 +317,12 @@ def frontier_points(runs: Sequence[Any], modes: Sequence[Any], baseline: str) ->
         for row in run.metrics["modes"]:
             rows.setdefault(row["name"], {})[row.get("seed", run.seed)] = row
     reference = rows.get(baseline, {})
+    key = time_key(runs)
     points = []
     for mode in modes:
         by_seed = rows[mode.name]
-        ratios = [row["step_time_s_median"] / reference[seed]["step_time_s_median"] for seed, row in by_seed.items()
-                  if row.get("step_time_s_median") and (reference.get(seed) or {}).get("step_time_s_median")]
+        ratios = [row[key] / reference[seed][key] for seed, row in by_seed.items()
+                  if row.get(key) and (reference.get(seed) or {}).get(key)]
         memory = [row["peak_memory_bytes"] / 2**20 for row in by_seed.values() if row.get("peak_memory_bytes")]
         params = [row["trainable_params"] for row in by_seed.values() if isinstance(row.get("trainable_params"), int)]
         costs = {"params": statistics.fmean(params) if params else None,
@@ -361,12 +378,13 @@ def frontier_section(runs: Sequence[Any], modes: Sequence[Any], baseline: str, m
     from .report import _plain
 
     digits = metric.digits
+    clock = "CPU time (process)" if time_key(runs) == "step_cpu_time_s_median" else "wall time"
     fronts = {axis: _front_of(points, axis, metric.higher_is_better) for axis, _, _ in AXES}
     lines = ["## Cost–quality frontier", "",
              f"{metric.label}: mean over seeds with its 95 % t-interval. Dense modes train every weight of their "
              f"(possibly smaller) model. On front: no other mode is at least as good at no more cost on that axis "
-             f"(means). Step time: the mode's median optimizer-step time over the baseline `{baseline}`'s in the same "
-             f"run folder (same seed, same process), mean over seeds.", "",
+             f"(means). Step time: the mode's median optimizer-step {clock} over the baseline `{baseline}`'s in the "
+             f"same run folder (same seed, same process), mean over seeds.", "",
              f"| mode | FFN treatment | model | trainable | step time / {baseline} | peak memory MiB "
              f"| {metric.label} (95 % CI) | on front: params / time / memory |", "|---|---|---|---|---|---|---|---|"]
     for index, point in enumerate(points):
