@@ -18,7 +18,7 @@ from etf_hf.app import cli
 from etf_hf.app.frontier import pareto_front
 from etf_hf.app.report import paired_interval, t_quantile_975, write_report
 from etf_hf.app.runner import ConfigError, load_config, validate
-from tests.test_train_tasks import lm_recipe, run_recipe
+from tests.test_train_tasks import lm_recipe, run_recipe, sequence_recipe
 
 
 def trainable(model: torch.nn.Module) -> int:
@@ -108,20 +108,13 @@ def test_derived_dense_model_trains_as_many_weights_as_the_etf_mode(tmp_path: Pa
     assert spec.raw["modes"][1] == {"name": "dense", "model": fixed, "match": {"mode": "etf", "vary": vary}}
 
 
-def test_derived_bert_intermediate_size() -> None:
-    from tests.test_train_tasks import sequence_recipe
-
-    # sequence_recipe needs a tmp folder for its files
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        recipe = sequence_recipe(Path(folder), [
-            {"name": "etf", "etf": {"layers": "all", "basis": "structured"}},
-            {"name": "dense", "match": {"mode": "etf", "vary": "intermediate_size"}}])
-        spec = validate(recipe)
+def test_derived_bert_intermediate_size(tmp_path: Path) -> None:
+    recipe = sequence_recipe(tmp_path, [{"name": "etf", "etf": {"layers": "all", "basis": "structured"}},
+                                        {"name": "dense", "match": {"mode": "etf", "vary": "intermediate_size"}}])
+    spec = validate(recipe)
     match = spec.modes[1].match
-    assert abs(match.achieved - match.target) / match.target <= 0.02 and spec.modes[1].model == {
-        "intermediate_size": match.value}
+    assert abs(match.achieved - match.target) / match.target <= 0.02
+    assert spec.modes[1].model == {"intermediate_size": match.value}
 
 
 @pytest.mark.parametrize("mode, message", [
