@@ -283,7 +283,7 @@ def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool) 
 
 
 #: The cost axes of the report: (key, label, how much more a dense mode may cost and still be "equal").
-AXES = (("params", "trainable parameters", 0.02), ("time", "step time / baseline's (same run)", 0.05),
+AXES = (("params", "trainable parameters", 0.02), ("time", "step time / baseline's", 0.05),
         ("memory", "peak memory (MiB)", 0.05))
 
 
@@ -418,8 +418,11 @@ def frontier_section(runs: Sequence[Any], modes: Sequence[Any], baseline: str, m
     if loads:
         lines += ["", f"- 1-minute load average at the start of the modes' training: {loads[0]}–{loads[-1]} "
                   f"(in each mode's metrics.json row); times on a loaded machine are noisy, hence ratios."]
-    plots = [path for axis, label, _ in AXES
-             if (path := plot_frontier(points, axis, label, fronts[axis], metric, out / f"report_frontier_{axis}.png"))]
+    labels = {axis: label for axis, label, _ in AXES}
+    labels["time"] = f"step {clock} / {baseline}'s (same run)"
+    plots = [path for axis in labels
+             if (path := plot_frontier(points, axis, labels[axis], fronts[axis], metric,
+                                       out / f"report_frontier_{axis}.png"))]
     return lines, plots
 
 
@@ -434,12 +437,19 @@ def plot_frontier(points: Sequence[FrontierPoint], axis: str, label: str, front:
                   path: Path) -> Path | None:
     """Metric (mean, 95 % interval) against one cost: dense modes as squares, ETF modes as circles (controls
     hollow), other treatments as triangles; the front joined by a step line and ringed."""
-    from .report import _colour, _figure
+    from matplotlib import colormaps
+
+    from .report import _figure
 
     measured = [(i, p) for i, p in enumerate(points) if p.costs[axis] is not None]
     if not measured:
         return None
-    figure = _figure((7.5, 5))
+    palette = colormaps["tab20"]  # a frontier study has more modes than the default 10 colours
+
+    def _colour(index: int) -> Any:
+        return palette(index % palette.N)
+
+    figure = _figure((10, 5))
     axes = figure.add_subplot()
     for index, point in measured:
         marker = "s" if point.dense else "o" if point.summary.treatment == "etf" else "^"
@@ -460,7 +470,7 @@ def plot_frontier(points: Sequence[FrontierPoint], axis: str, label: str, front:
     axes.set(xlabel=label, ylabel=metric.label,
              title=f"{metric.label} vs {label}\n(squares: dense, circles: ETF, hollow: control; {direction})")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, ncol=2)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     figure.tight_layout()
     figure.savefig(path)
     return path
