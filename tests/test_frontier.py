@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from scipy.stats import t
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification
 
 import etf_hf
 from etf_hf.app import cli
 from etf_hf.app.frontier import pareto_front
-from etf_hf.app.report import paired_interval, t_quantile_975, write_report
+from etf_hf.app.report import paired_interval, write_report
 from etf_hf.app.runner import ConfigError, load_config, validate
 from tests.test_train_tasks import lm_recipe, run_recipe, sequence_recipe
 
@@ -222,7 +223,7 @@ def test_report_frontier_table_and_plots(tmp_path: Path) -> None:
     assert rows["etf_all"][3] == "400" and rows["dense_iso"][2] == "n_inner=2"
     # mean and 95 % t-interval of the mean, computed here from the textbook formula
     ppl = FRONTIER_MODES[1][6]
-    half = t_quantile_975(2) * statistics.stdev(ppl) / 3 ** 0.5
+    half = t.ppf(0.975, 2) * statistics.stdev(ppl) / 3 ** 0.5
     mean = statistics.fmean(ppl)
     assert rows["etf_all"][6] == f"{mean:.2f} [{mean - half:.2f}, {mean + half:.2f}]"
     # fronts (lower perplexity is better): params: dense_iso 400, etf_all 400 (better) -> etf on, dense_iso off

@@ -439,7 +439,7 @@ def plot_frontier(points: Sequence[FrontierPoint], axis: str, label: str, front:
     hollow), other treatments as triangles; the front joined by a step line and ringed."""
     from matplotlib import colormaps
 
-    from .report import _figure
+    from ..plotting import new_figure, save_figure
 
     measured = [(i, p) for i, p in enumerate(points) if p.costs[axis] is not None]
     if not measured:
@@ -449,7 +449,7 @@ def plot_frontier(points: Sequence[FrontierPoint], axis: str, label: str, front:
     def _colour(index: int) -> Any:
         return palette(index % palette.N)
 
-    figure = _figure((10, 5))
+    figure = new_figure(10, 5)
     axes = figure.add_subplot()
     for index, point in measured:
         marker = "s" if point.dense else "o" if point.summary.treatment == "etf" else "^"
@@ -471,6 +471,4 @@ def plot_frontier(points: Sequence[FrontierPoint], axis: str, label: str, front:
              title=f"{metric.label} vs {label}\n(squares: dense, circles: ETF, hollow: control; {direction})")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
+    return save_figure(figure, path)
