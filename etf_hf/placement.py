@@ -8,7 +8,7 @@ random FFNs), fixing the last 3 cost < 1; from scratch, fixing every FFN did not
   features of the model *as it is* (`etf_hf.collapse_report`, pooled per architecture: CLS for
   BERT/RoBERTa/ViT, last token for GPT-2/Llama, the vector itself for the paper's MLP) and fixes the blocks
   from the effective depth on: the first block from which NCC stays >= ``threshold`` in every later block,
-  and all later blocks (the same rule as Adaptive-ETF's ``lock_following``). Those blocks already
+  and all later blocks (Adaptive-ETF's ``rule="effective_depth"``, which asks NCC strictly above). Those blocks already
   separate the classes as well as a fixed frame can keep. **Fallback** when no block qualifies (the last
   block is below the threshold, typical of a pretrained model before fine-tuning): the second half of
   the blocks, the pretrained default below, logged as a warning with the best NCC reached.

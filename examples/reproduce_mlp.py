@@ -150,12 +150,20 @@ def train_one(mode: dict[str, Any], seed: int, config: dict[str, Any], datasets:
     started = time.time()
     trainer.train()
     accuracies = [e["eval_accuracy"] for e in trainer.state.log_history if "eval_accuracy" in e]
-    epoch_of_step = {entry["step"]: round(entry["epoch"]) for entry in monitor.history}
-    lock_epochs = ({str(block): epoch_of_step[step] for block, step in sorted(monitor.lock_steps.items())}
+    steps_per_epoch = trainer.state.max_steps / training["epochs"]
+    epoch_of_step = lambda step: round(step / steps_per_epoch, 2)  # noqa: E731 (a gradual lock ends mid-epoch)
+    lock_epochs = ({str(block): epoch_of_step(step) for block, step in sorted(monitor.lock_steps.items())}
                    if isinstance(monitor, AdaptiveETFCallback) else {})
-    return {"seed": seed, "adaptive": isinstance(monitor, AdaptiveETFCallback), "test_accuracy": accuracies[-1], "test_accuracy_per_epoch": accuracies,
-            "trainable_params": etf_hf.parameter_summary(model)["trainable"], "lock_epochs": lock_epochs,
-            "ncc_history": monitor.history, "train_seconds": round(time.time() - started, 1)}
+    lock_losses = [{**entry, "epoch": epoch_of_step(entry["step"])} for entry in getattr(monitor, "lock_losses", [])]
+    return {"seed": seed, "adaptive": isinstance(monitor, AdaptiveETFCallback), "test_accuracy": accuracies[-1],
+            "test_accuracy_per_epoch": accuracies, "trainable_params": etf_hf.parameter_summary(model)["trainable"],
+            "lock_epochs": lock_epochs, "lock_losses": lock_losses, "ncc_history": monitor.history,
+            "train_seconds": round(time.time() - started, 1)}
+
+
+def lock_jumps(run: dict[str, Any]) -> list[float]:
+    """The probe-loss jump of each lock of one run, in % of the loss just before it."""
+    return [100 * (entry["after"] - entry["before"]) / entry["before"] for entry in run.get("lock_losses", [])]
 
 
 # ---- reporting ------------------------------------------------------------------------------------------
@@ -169,7 +177,9 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> str:
         locks = "; ".join(f"seed {r['seed']}: " + (", ".join(f"b{b}@{e}" for b, e in r["lock_epochs"].items()) or "none")
                           for r in runs) if runs[0]["adaptive"] else "-"
         trainable = "/".join(f"{t:,}" for t in sorted({r["trainable_params"] for r in runs}))
-        lines.append(f"{name:<16} {statistics.mean(values):>17.2f} ± {spread:<4.2f} {trainable:>10}  {locks}")
+        jumps = [jump for r in runs for jump in lock_jumps(r)]
+        worst = f"; largest probe-loss jump at a lock {max(jumps):+.1f} %" if jumps else ""
+        lines.append(f"{name:<16} {statistics.mean(values):>17.2f} ± {spread:<4.2f} {trainable:>10}  {locks}{worst}")
     return "\n".join(lines)
 
 
@@ -207,8 +217,8 @@ def paired_table(results: dict[str, list[dict[str, Any]]], modes: list[dict[str,
     lines = [f"Test set: {test_size:,} images; final-epoch accuracy; mean ± sd over seeds; Δ = paired difference "
              "(same seed), 95 % t-interval.", "",
              "| placement | mode | kind | test accuracy % | per seed | Δ vs baseline | Δ vs the ETF at this placement "
-             "| trainable | locks (block@epoch) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| trainable | locks (block@epoch) | probe-loss jump at each lock |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for mode in ran:
         runs = results[mode["name"]]
         values = [100 * r["test_accuracy"] for r in runs]
@@ -219,9 +229,11 @@ def paired_table(results: dict[str, list[dict[str, Any]]], modes: list[dict[str,
         locks = "; ".join(", ".join(f"b{b}@{e}" for b, e in r["lock_epochs"].items()) or "none"
                           for r in runs) if runs[0]["adaptive"] else "–"
         trainable = "/".join(f"{t:,}" for t in sorted({r["trainable_params"] for r in runs}))
+        jumps = "; ".join(", ".join(f"{j:+.1f} %" for j in lock_jumps(r)) or "none"
+                          for r in runs) if runs[0]["adaptive"] else "–"
         lines.append(f"| {mode.get('group', '')} | {mode['name']} | {mode_kind(mode)} | {statistics.mean(values):.2f} ± "
                      f"{spread:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {vs_baseline} | {vs_etf} | {trainable} "
-                     f"| {locks} |")
+                     f"| {locks} | {jumps} |")
     return "\n".join(lines)
 
 
@@ -318,22 +330,28 @@ def main() -> None:
     print(f"data: {source}; train {len(datasets['train'])}, test {len(datasets['test'])}, "
           f"probe {len(datasets['probe'])}; device: {device}")
 
-    results: dict[str, list[dict[str, Any]]] = {}
-    for mode in modes:
-        for seed in config["seeds"]:
+    # Seed by seed (every mode of seed 0, then of seed 1, ...): a run cut short still holds whole seeds.
+    # metrics.json is rewritten after every run, so what finished is never lost.
+    results: dict[str, list[dict[str, Any]]] = {mode["name"]: [] for mode in modes}
+    metrics = {"config": config, "data_source": source, "device": device,
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "etf_hf": etf_hf.__version__, "python": platform.python_version()},
+               "results": results}
+    for seed in config["seeds"]:
+        for mode in modes:
             outcome = train_one(mode, seed, config, datasets, run_dir)
-            results.setdefault(mode["name"], []).append(outcome)
+            results[mode["name"]].append(outcome)
+            jumps = ", ".join(f"{j:+.1f} %" for j in lock_jumps(outcome))
             print(f"  {mode['name']:<16} seed {seed}: test accuracy {100 * outcome['test_accuracy']:.2f} %, "
-                  f"{outcome['train_seconds']} s", flush=True)
+                  f"{outcome['train_seconds']} s" + (f"; locks {outcome['lock_epochs']}, probe-loss jumps {jumps}"
+                                                     if outcome["adaptive"] else ""), flush=True)
+            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
     table = summarise(results)
     print("\n" + table)
     adaptive = next((m["adaptive"] for m in modes if m.get("adaptive")), {})
     curves = plot_ncc_curves(results, run_dir / "ncc_curves.png", adaptive.get("threshold", 0.9))
-    metrics = {"config": config, "data_source": source, "device": device, "table": table,
-               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                            "etf_hf": etf_hf.__version__, "python": platform.python_version()},
-               "results": results}
+    metrics["table"] = table
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"\nwrote {run_dir / 'metrics.json'} and {curves}")
 

@@ -3,8 +3,9 @@ checkpoints and resume, and (slow) a mid-training lock under two-process DDP.
 
 The model is a tiny version of the paper's MLP on synthetic data whose classes are nearest-mean separable
 from the input on (tests/adaptive_ddp_worker.py), so NCC is high at the first check and the lock time is
-set by the schedule alone: checks every 4 steps, patience 2, hence every block locks at step 8. An epoch
-is 6 steps, so that lock needs counters that survive the epoch boundary at step 6.
+set by the schedule alone: checks every 4 steps, patience 2, hence every block locks at the third check
+(step 12: more than 2 checks). An epoch is 6 steps, so that lock needs counters that survive the epoch
+boundary at step 6.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "adaptive_ddp_worker.py"
 MAX_STEPS = 36
 STEPS_PER_EPOCH = 6  # 96 examples, batch 16
-LOCK_STEP = 8
+LOCK_STEP = 12
 WIDTH = 32
 
 
@@ -66,16 +67,45 @@ def run(tmp_path_factory):
 # ---- the rule, without training ---------------------------------------------------------------------
 
 
-def test_counters_count_consecutive_checks_and_lock_following_extends_to_the_last_block():
+def test_effective_depth_rule_locks_only_blocks_beyond_the_depth_after_more_than_patience_checks():
+    """The issue's example: NCC [0.5, 0.95, 0.6, 0.97] has effective depth 3, so block 3 alone locks, at the
+    check after `patience` qualifying ones; block 1 (collapsed, but block 2 after it is not) never counts."""
+    callback = AdaptiveETFCallback(threshold=0.9, patience=5)
+    for _ in range(5):
+        assert callback.observe([0.5, 0.95, 0.6, 0.97]) == []
+    assert callback.counters == [0, 0, 0, 5]
+    assert callback.observe([0.5, 0.95, 0.6, 0.97]) == [3]
+    callback.locked = [3]
+    for _ in range(10):
+        assert callback.observe([0.5, 0.95, 0.6, 0.97]) == []  # below the depth: never
+    assert callback.counters[:3] == [0, 0, 0]
+
+
+def test_a_dip_resets_and_exactly_the_threshold_does_not_count():
     callback = AdaptiveETFCallback(threshold=0.9, patience=2)
-    assert callback.observe([0.95, 0.5, 0.95, 0.95]) == []
-    assert callback.observe([0.5, 0.95, 0.95, 0.92]) == [2, 3]
-    assert callback.counters == [0, 1, 2, 2]
-    callback.locked = [2, 3]
-    assert callback.observe([0.95, 0.3, 0.1, 0.1]) == []  # locked blocks stop counting
-    assert callback.counters == [1, 0, 2, 2]
-    following = AdaptiveETFCallback(threshold=0.9, patience=1, lock_following=True)
-    assert following.observe([0.5, 0.95, 0.5, 0.2]) == [1, 2, 3]
+    assert callback.observe([0.2, 0.95, 0.95]) == []
+    assert callback.observe([0.2, 0.95, 0.95]) == []
+    assert callback.observe([0.2, 0.95, 0.85]) == []  # block 2 dips: depth None, every counter resets
+    assert callback.counters == [0, 0, 0]
+    assert callback.observe([0.2, 0.9, 0.95]) == []  # 0.9 is not above 0.9: depth 2
+    assert callback.counters == [0, 0, 1]
+    assert callback.observe([0.2, 0.95, 0.95]) == []
+    assert callback.observe([0.2, 0.95, 0.95]) == [2]  # block 2's third check in a row: more than 2
+    assert callback.counters == [0, 2, 3]
+
+
+def test_locks_never_move_backwards_and_a_locked_block_keeps_its_lock():
+    callback = AdaptiveETFCallback(threshold=0.9, patience=1)
+    callback.observe([0.95, 0.95, 0.95])
+    assert callback.observe([0.95, 0.95, 0.95]) == [0, 1, 2]
+    callback.locked = [0, 1, 2]
+    assert callback.observe([0.1, 0.1, 0.1]) == [] and callback.counters == [2, 2, 2]
+
+
+def test_per_block_rule_is_the_named_alternative():
+    callback = AdaptiveETFCallback(threshold=0.9, patience=1, rule="per_block")
+    callback.observe([0.5, 0.95, 0.6, 0.97])
+    assert callback.observe([0.5, 0.95, 0.6, 0.97]) == [1, 3]  # block 1 although block 2 is not collapsed
 
 
 def test_invalid_settings_are_refused(tmp_path):
@@ -84,7 +114,10 @@ def test_invalid_settings_are_refused(tmp_path):
                             ({"every": "step"}, "every='step': use 'eval', 'epoch' or a positive number of steps"),
                             ({"every": 0}, "every=0: use 'eval', 'epoch' or a positive number of steps"),
                             ({"basis": "random"}, "basis='random': choose an ETF basis (canonical, orthogonal, nearest, "
-                                                  "structured) or, to lock to a control, one of gaussian, zero, frozen")):
+                                                  "structured) or, to lock to a control, one of gaussian, zero, frozen"),
+                            ({"rule": "paper"}, "rule='paper': choose 'effective_depth' (the paper's) or 'per_block'"),
+                            ({"anneal_steps": -1}, "anneal_steps=-1: must be an int >= 0"),
+                            ({"smooth": "yes"}, "smooth='yes': must be true or false")):
         with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
             AdaptiveETFCallback(**kwargs)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
@@ -155,10 +188,10 @@ def test_lock_needs_counters_that_survive_the_epoch_boundary(run):
     callback = run.callback
     assert callback.locked == [0, 1, 2]
     assert callback.lock_steps == {0: LOCK_STEP, 1: LOCK_STEP, 2: LOCK_STEP}
-    first, second = callback.history[:2]
-    assert (first["step"], second["step"]) == (4, 8)
-    assert first["epoch"] < 1 < second["epoch"], "the two checks behind the lock lie in different epochs"
-    assert min(first["ncc"] + second["ncc"]) >= 0.5
+    first, second, third = callback.history[:3]
+    assert (first["step"], second["step"], third["step"]) == (4, 8, 12)
+    assert first["epoch"] < 1 < second["epoch"], "the checks behind the lock lie in different epochs"
+    assert min(first["ncc"] + second["ncc"] + third["ncc"]) > 0.5
     assert run.trainer.model.config.etf["layers"] == [0, 1, 2] and run.trainer.model.config.etf["basis"] == "nearest"
 
 
@@ -191,10 +224,11 @@ def test_checks_are_logged_to_the_trainer(run):
     entries = [e for e in run.trainer.state.log_history if "etf/locked_blocks" in e]
     assert [e["step"] for e in entries] == list(range(4, MAX_STEPS + 1, 4))
     assert all({f"etf/ncc/layer_{i}" for i in range(3)} <= e.keys() for e in entries)
-    assert [e["etf/locked_blocks"] for e in entries[:3]] == [0, 3, 3]
+    assert [e["etf/locked_blocks"] for e in entries[:4]] == [0, 0, 3, 3]
+    assert all(e["etf/effective_depth"] == 0 for e in entries)
     dense = sum(p.numel() for p in tiny_mlp().parameters())
     assert entries[0]["etf/trainable_params"] == dense
-    assert entries[1]["etf/trainable_params"] == dense - 3 * WIDTH * WIDTH + 3  # three weights became three gains
+    assert entries[2]["etf/trainable_params"] == dense - 3 * WIDTH * WIDTH + 3  # three weights became three gains
 
 
 def test_saved_model_loads_with_its_locks(run, tmp_path):
@@ -207,18 +241,18 @@ def test_saved_model_loads_with_its_locks(run, tmp_path):
         assert torch.equal(loaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
     checkpoint = json.loads((run.output_dir / "checkpoint-12" / "config.json").read_text())
     assert checkpoint["etf"]["layers"] == [0, 1, 2]
-    assert json.loads((run.output_dir / "checkpoint-4" / "config.json").read_text()).get("etf") is None  # pre-lock
+    assert json.loads((run.output_dir / "checkpoint-8" / "config.json").read_text()).get("etf") is None  # pre-lock
 
 
 @pytest.mark.parametrize("checkpoint_step", [4, 12], ids=["before-lock", "after-lock"])
 def test_resume_restores_counters_and_locks_and_continues_bit_exactly(run, checkpoint_step, tmp_path):
-    """Resuming from step 4 needs the restored counter (else the lock would come at step 12, not 8); from
+    """Resuming from step 4 needs the restored counter (else the lock would come at step 16, not 12); from
     step 12, the model arrives locked from its checkpoint and the optimizer state must land on the right
     tensors. Either way the run ends bit-identical to the uninterrupted one."""
     checkpoint = run.output_dir / f"checkpoint-{checkpoint_step}"
     model = AutoModelForImageClassification.from_pretrained(checkpoint)
     saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["AdaptiveETFCallback"]
-    assert saved["attributes"]["counters"] == ([1, 1, 1] if checkpoint_step == 4 else [2, 2, 2])
+    assert saved["attributes"]["counters"] == ([1, 1, 1] if checkpoint_step == 4 else [3, 3, 3])
     trainer, callback, _ = build_trainer(model, tmp_path)
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert callback.lock_steps == run.callback.lock_steps
@@ -229,14 +263,24 @@ def test_resume_restores_counters_and_locks_and_continues_bit_exactly(run, check
     assert not different, f"resumed run differs from the uninterrupted one in {different}"
 
 
-def test_resume_into_a_model_without_the_locks_is_refused(run, tmp_path):
-    """A fresh, unlocked model cannot take a locked checkpoint's weights. With the optimizer state present
-    Trainer already fails loading it (its groups differ in size); without it, the callback must refuse."""
-    checkpoint = tmp_path / "checkpoint-12"
-    shutil.copytree(run.output_dir / "checkpoint-12", checkpoint, ignore=shutil.ignore_patterns("optimizer.pt"))
-    trainer, _, _ = build_trainer(tiny_mlp(), tmp_path / "out")
-    with pytest.raises(ValueError, match="from_pretrained"):
-        trainer.train(resume_from_checkpoint=str(checkpoint))
+def test_resume_into_a_freshly_built_model_takes_the_checkpoints_locks_and_continues_bit_exactly(run, tmp_path):
+    """Issue 17: a model built fresh (unlocked) for resume_from_checkpoint used to fail with torch's "loaded
+    state dict contains a parameter group that doesn't match". The callback gives it the checkpoint's locks
+    before Trainer loads weights and optimizer state, and the run ends as the uninterrupted one."""
+    trainer, callback, _ = build_trainer(tiny_mlp(), tmp_path)
+    trainer.train(resume_from_checkpoint=str(run.output_dir / "checkpoint-16"))
+    assert trainer.model.config.etf["layers"] == [0, 1, 2]
+    assert callback.lock_steps == run.callback.lock_steps
+    final = full_state(trainer.model)
+    assert final.keys() == run.final.keys()
+    assert [n for n in final if not torch.equal(final[n], run.final[n])] == []
+
+
+def test_resume_into_a_model_with_another_etf_config_gets_one_clear_error(run, tmp_path):
+    model = etf_hf.patch(tiny_mlp(), etf_hf.ETFConfig(layers=[0], basis="canonical"))
+    trainer, _, _ = build_trainer(model, tmp_path)
+    with pytest.raises(ValueError, match="cannot take those locks.*from_pretrained"):
+        trainer.train(resume_from_checkpoint=str(run.output_dir / "checkpoint-16"))
 
 
 def test_evaluate_after_training_does_not_check_or_lock(run):
