@@ -542,7 +542,7 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
         mean, covariance = moments
         weight = _dense_weight(dense, slot.layout)
         frame = scratch.frame.detach().clone()
-        gain = float(scratch.frame_norm)
+        gain = float(scratch.frame_norm.detach())
         if self.smooth:
             frame = self._frame(weight, covariance, frame)
             gain = fit_gain(weight, frame, covariance) if config.gain == "match" else gain

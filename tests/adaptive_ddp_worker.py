@@ -82,8 +82,10 @@ def main() -> None:
     trainer = Trainer(model=model, args=args, train_dataset=SeparableImages(256, seed=0),
                       callbacks=[recorder])
     # the probe (64 examples) is sharded: each rank measures 32, the statistics are all-reduced
-    callback = AdaptiveETFCallback(SeparableImages(64, seed=1), threshold=0.5, patience=1, every=CHECK_EVERY,
-                                   lock_following=True).attach(trainer)
+    # the effective-depth rule (default), patience 1: every block locks at the second check (step 8), with
+    # the smooth lock's all-reduced input moments, BatchNorm refresh and lock losses
+    callback = AdaptiveETFCallback(SeparableImages(64, seed=1), threshold=0.5, patience=1,
+                                   every=CHECK_EVERY).attach(trainer)
     # put the callback before the recorder, so the recorder sees a lock in the step it happens
     trainer.callback_handler.callbacks.remove(recorder)
     trainer.add_callback(recorder)
@@ -97,6 +99,7 @@ def main() -> None:
         "global_step": trainer.state.global_step,
         "locked": callback.locked,
         "lock_steps": callback.lock_steps,
+        "lock_losses": callback.lock_losses,
         "config_etf": model.config.etf,
         "losses": [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry],
         "parameters": {name: p.detach().clone() for name, p in model.named_parameters()},

@@ -279,7 +279,7 @@ def test_adaptive_etf_locks_nearest_blocks_under_a_fixed_head(tmp_path: Path) ->
     callback = AdaptiveETFCallback(SeparableImages(64, seed=1), threshold=0.5, patience=1, every=4,
                                    basis="nearest").attach(trainer)
     trainer.train()
-    assert callback.locked == [0, 1, 2] and callback.lock_steps == {0: 4, 1: 4, 2: 4}
+    assert callback.locked == [0, 1, 2] and callback.lock_steps == {0: 8, 1: 8, 2: 8}  # the second check: > patience
     etf = model.config.etf
     assert etf["layers"] == [0, 1, 2] and etf["basis"] == "nearest" and etf["head_basis"] == "orthogonal"
     assert torch.equal(model.classifier.frame, head_frame)

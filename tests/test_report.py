@@ -388,3 +388,22 @@ def test_modes_that_logged_no_loss_are_named_and_get_no_empty_plot(tmp_path: Pat
     (folder / "metrics.json").write_text(json.dumps(metrics))
     _, markdown = write_report([folder])
     assert "logged by etf, gauss" in markdown and "the loss plot leaves them out" in markdown
+
+
+def test_probe_loss_at_each_lock_gets_a_column(tmp_path: Path) -> None:
+    """Adaptive-ETF logs etf/lock_loss_before|after at each lock; the runner records them and the table shows
+    them per seed, with the jump in % of the loss before (the issue's goal is a jump <= 10 %)."""
+    runs = write_adaptive_seeds(tmp_path / "runs", [([3], {"3": 40}), ([2, 3], {"2": 60, "3": 40})])
+    losses = [[{"blocks": [3], "step": 40, "before": 0.2, "after": 0.22}],
+              [{"blocks": [3], "step": 40, "before": 0.25, "after": 0.24}, {"blocks": [2], "step": 60, "before": 0.2, "after": 0.3}]]
+    for run, lock_losses in zip(runs, losses):
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["modes"][1]["adaptive"]["lock_losses"] = lock_losses
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    _, markdown = write_report(runs, tmp_path / "out")
+    assert "probe loss at each lock (before → after)" in markdown
+    assert table_row(markdown, "adaptive")[8] == ("seed 0: 0.200 → 0.220 (+10.0 %); "
+                                                  "seed 1: 0.250 → 0.240 (−4.0 %), 0.200 → 0.300 (+50.0 %)")
+    assert table_row(markdown, "full")[8] == "–"
+    _, without = write_report(write_adaptive_seeds(tmp_path / "old", [([3], {"3": 40})]), tmp_path / "out2")
+    assert "probe loss at each lock" not in without  # runs from before the column: the table is unchanged

@@ -446,6 +446,26 @@ def _locks_text(adaptive: dict[str, Any]) -> str:
     return f"{blocks} at step {steps[0]}" if len(steps) == 1 else f"{blocks} at steps {steps[0]}–{steps[-1]}"
 
 
+def _lock_losses(mode: ModeSummary) -> dict[int | None, list[dict[str, Any]]]:
+    """Adaptive-ETF's probe losses around each lock, per seed (the runner's record of the callback's
+    ``lock_losses``, the numbers it logged as ``etf/lock_loss_before|after``)."""
+    return {seed: adaptive["lock_losses"] for seed, adaptive in mode.adaptive_locks.items()
+            if adaptive.get("lock_losses")}
+
+
+def _lock_losses_cell(mode: ModeSummary) -> str:
+    """``0.210 → 0.231 (+10.0 %)`` per lock, locks of a seed joined by commas, seeds by semicolons."""
+    by_seed = _lock_losses(mode)
+    if not by_seed:
+        return "–"
+    cells = []
+    for seed, locks in sorted(by_seed.items(), key=lambda item: (item[0] is None, item[0] or 0)):
+        text = ", ".join(f"{lock['before']:.3f} → {lock['after']:.3f} "
+                         f"({_signed(100 * (lock['after'] - lock['before']) / lock['before'], 1)} %)" for lock in locks)
+        cells.append(text if seed is None or len(by_seed) == 1 else f"seed {seed}: {text}")
+    return "; ".join(cells)
+
+
 def _ncc_of(row: dict[str, Any], run_dir: Path) -> list[float] | None:
     """Per-block NCC accuracy of a trained mode, if measured: the ``collapse.json`` that ``etf-hf probe
     --checkpoint RUN/MODE`` writes into the mode's folder, else Adaptive-ETF's last check."""
@@ -507,10 +527,13 @@ def render_table(modes: Sequence[ModeSummary], baseline: str, metric: Metric) ->
     digits = metric.digits
     # Shown when the runs recorded it: a text model's embedding matrix can be half its weights.
     excl = any(mode.trainable_excl_embeddings for mode in modes)
+    # Shown when an Adaptive-ETF run logged them (etf/lock_loss_before|after): the cost of each lock.
+    lock_losses = any(_lock_losses(mode) for mode in modes)
     lines = [f"| mode | FFN treatment | placement | {metric.label} (mean ± sd) | per seed | n "
              f"| Δ vs {baseline}, paired (95 % CI) | trainable % |"
-             + (" trainable excl. input embeddings |" if excl else "") + " train time (s) |",
-             "|---|---|---|---|---|---|---|---|" + ("---|" if excl else "") + "---|"]
+             + (" trainable excl. input embeddings |" if excl else "")
+             + (" probe loss at each lock (before → after) |" if lock_losses else "") + " train time (s) |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if excl else "") + ("---|" if lock_losses else "") + "---|"]
     for mode in modes:
         ordered = sorted(mode.values.items(), key=lambda item: (item[0] is None, item[0] or 0))
         per_seed = ", ".join(_plain(v, digits) for _, v in ordered)
@@ -518,6 +541,8 @@ def render_table(modes: Sequence[ModeSummary], baseline: str, metric: Metric) ->
         if excl:
             counts = sorted(set(mode.trainable_excl_embeddings))
             trainable += " | " + ("/".join(f"{count:,}" for count in counts) if counts else "?")
+        if lock_losses:
+            trainable += " | " + _lock_losses_cell(mode)
         seconds = f"{statistics.fmean(mode.train_time_s):.1f}" if mode.train_time_s else "?"
         lines.append(f"| {mode.name} | {mode.kind} | {mode.placement} | {_mean_sd(list(mode.values.values()), digits)} "
                      f"| {per_seed} | {len(mode.values)} | {_delta_cell(mode, baseline, digits)} | {trainable} "
