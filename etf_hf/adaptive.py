@@ -362,6 +362,16 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
         saved = state.stateful_callbacks.get(type(self).__name__)
         if state.global_step > 0 and saved:
             self._restore(saved, self._trainer.model)
+        etf = getattr(self._trainer.model.config, "etf", None)
+        fixed = ETFConfig.from_dict(etf).layers if etf is not None else []
+        already = sorted(set(fixed) - set(self.locked)) if isinstance(fixed, list) else []
+        if already:
+            # blocks fixed before training (e.g. ETFConfig(head=True) fixes every block of a model built from a
+            # config) are locked from the start: the rule must not lock them again
+            self.locked = sorted(set(self.locked) | set(already))
+            logger.warning("etf_hf: blocks %s were fixed before training (config.etf); Adaptive-ETF counts them as "
+                           "locked. To leave every block to the callback under a fixed classifier, patch with "
+                           "ETFConfig(head=True, layers=[])", already)
         self._training = True
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

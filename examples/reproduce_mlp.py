@@ -172,6 +172,8 @@ def lock_jumps(run: dict[str, Any]) -> list[float]:
 def summarise(results: dict[str, list[dict[str, Any]]]) -> str:
     lines = [f"{'mode':<16} {'test acc % (final epoch)':>24} {'trainable':>10}  lock epochs per seed (block@epoch)"]
     for name, runs in results.items():
+        if not runs:
+            continue
         values = [100 * r["test_accuracy"] for r in runs]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         locks = "; ".join(f"seed {r['seed']}: " + (", ".join(f"b{b}@{e}" for b, e in r["lock_epochs"].items()) or "none")
@@ -207,7 +209,7 @@ def paired_table(results: dict[str, list[dict[str, Any]]], modes: list[dict[str,
     Final-epoch accuracy only.
     """
     per_seed = lambda name: {r["seed"]: r["test_accuracy"] for r in results[name]}  # noqa: E731
-    ran = [m for m in modes if m["name"] in results]
+    ran = [m for m in modes if results.get(m["name"])]  # a run cut short may hold modes without a finished seed
     groups = list(dict.fromkeys(m.get("group", "") for m in ran))
     ran.sort(key=lambda m: groups.index(m.get("group", "")))  # stable: config order inside a placement
     group_etf = {}
@@ -223,7 +225,7 @@ def paired_table(results: dict[str, list[dict[str, Any]]], modes: list[dict[str,
         runs = results[mode["name"]]
         values = [100 * r["test_accuracy"] for r in runs]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        vs_baseline = "–" if mode["name"] == baseline else _paired_cell(runs, per_seed(baseline))
+        vs_baseline = "–" if mode["name"] == baseline or not results.get(baseline) else _paired_cell(runs, per_seed(baseline))
         etf = group_etf.get(mode.get("group", ""))
         vs_etf = _paired_cell(runs, per_seed(etf)) if mode_kind(mode) == "control" and etf else "–"
         locks = "; ".join(", ".join(f"b{b}@{e}" for b, e in r["lock_epochs"].items()) or "none"
@@ -240,6 +242,7 @@ def paired_table(results: dict[str, list[dict[str, Any]]], modes: list[dict[str,
 def plot_ncc_curves(results: dict[str, list[dict[str, Any]]], path: Path, threshold: float | None) -> Path:
     from etf_hf.plotting import new_figure, save_figure
 
+    results = {name: runs for name, runs in results.items() if runs}
     figure = new_figure(4 * len(results), 3.4, dpi=120)
     axes = figure.subplots(1, len(results), sharey=True, squeeze=False)
     for axis, (name, runs) in zip(axes[0], results.items()):
@@ -275,7 +278,7 @@ def set_key(config: dict[str, Any], assignment: str) -> None:
         raise SystemExit(f"--set {assignment!r}: no such key in the config") from None
 
 
-def print_merged_table(run_dirs: list[Path], config_path: Path) -> None:
+def print_merged_table(run_dirs: list[Path], config_path: Path, figure: Path | None = None) -> None:
     """One table from runs made in several invocations (e.g. the controls added later), in config order.
 
     Refuses runs whose data or training settings differ: their rows would not be comparable.
@@ -296,6 +299,9 @@ def print_merged_table(run_dirs: list[Path], config_path: Path) -> None:
     data = json.loads(settings.pop())[3]
     splits, _ = load_fashion_mnist(data)
     print(paired_table(results, config["modes"], len(splits["test"][1])))
+    if figure is not None:
+        adaptive = next((m["adaptive"] for m in config["modes"] if m.get("adaptive") and results.get(m["name"])), {})
+        print(f"wrote {plot_ncc_curves(results, figure, adaptive.get('threshold', 0.9))}")
 
 
 def main() -> None:
@@ -308,9 +314,10 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, help="overrides output_dir")
     parser.add_argument("--table", nargs="+", type=Path, metavar="RUN_DIR",
                         help="train nothing: merge these runs' metrics.json into one paired table (markdown)")
+    parser.add_argument("--figure", type=Path, help="with --table: also draw their NCC curves (first seed) here")
     options = parser.parse_args()
     if options.table:
-        print_merged_table(options.table, options.config)
+        print_merged_table(options.table, options.config, options.figure)
         return
 
     config = yaml.safe_load(options.config.read_text())

@@ -283,6 +283,18 @@ def test_resume_into_a_model_with_another_etf_config_gets_one_clear_error(run, t
         trainer.train(resume_from_checkpoint=str(run.output_dir / "checkpoint-16"))
 
 
+def test_blocks_fixed_before_training_count_as_locked(tmp_path, caplog):
+    """ETFConfig(head=True) on a model built from a config fixes every block too: the callback says so and
+    does not lock them again (with layers=[] it would lock them itself, tests/test_head.py)."""
+    model = etf_hf.patch(tiny_mlp(), etf_hf.ETFConfig(head=True))
+    trainer, callback, _ = build_trainer(model, tmp_path)
+    trainer.args.max_steps = 12
+    with caplog.at_level("WARNING", logger="etf_hf"):
+        trainer.train()
+    assert callback.locked == [0, 1, 2] and callback.lock_steps == {} and callback.lock_losses == []
+    assert "layers=[]" in caplog.text
+
+
 def test_evaluate_after_training_does_not_check_or_lock(run):
     checks = len(run.callback.history)
     run.trainer.evaluate()
