@@ -424,7 +424,7 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
                                  reduce_fn=dist.all_reduce if _distributed() else None)
         ready = self.observe(report.ncc)
         logs: dict[str, float] = {}
-        if ready:
+        if ready and self._anneal is None:  # blocks that qualify during an anneal wait for the next check after it
             logs.update(self._start_lock(ready, state.global_step))
         self.history.append({"step": state.global_step, "epoch": state.epoch, "ncc": report.ncc})
         logs.update({f"etf/ncc/layer_{i}": value for i, value in enumerate(report.ncc)})
@@ -489,7 +489,7 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
         return self._finish_lock(blocks, step, before, probe)
 
     def _replace(self, blocks: list[int], config: ETFConfig) -> None:
-        """`lock_blocks` plus what the lock must tell DDP and the optimizer."""
+        """`lock_blocks`, keeping the parameters from before it for the optimizer hand-over (`_finish_lock`)."""
         trainer = self._trainer
         model = trainer.model
         before = dict(model.named_parameters())
@@ -515,7 +515,7 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
             if gain is not None:
                 layer.frame_norm.fill_(gain)
             if mean is not None and layer.bias is not None:
-                layer.bias.copy_(folded_bias(weight, layer.bias, layer.frame, float(layer.frame_norm), mean))
+                layer.bias.copy_(folded_bias(weight, layer.bias, layer.frame, float(layer.frame_norm.detach()), mean))
 
     def _finish_lock(self, blocks: list[int], step: int, before: float | None, probe: Any) -> dict[str, float]:
         trainer = self._trainer
