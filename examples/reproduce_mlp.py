@@ -279,22 +279,27 @@ def set_key(config: dict[str, Any], assignment: str) -> None:
 
 
 def print_merged_table(run_dirs: list[Path], config_path: Path, figure: Path | None = None) -> None:
-    """One table from runs made in several invocations (e.g. the controls added later), in config order.
+    """One table from runs made in several invocations (e.g. the controls added later, or more seeds), in
+    config order.
 
-    Refuses runs whose data or training settings differ: their rows would not be comparable.
+    Refuses runs whose data, model or training settings differ (their rows would not be comparable), and a
+    mode with two results for one seed.
     """
     results: dict[str, list[dict[str, Any]]] = {}
     settings = set()
     for run_dir in run_dirs:
         metrics = json.loads((run_dir / "metrics.json").read_text())
         settings.add(json.dumps([metrics["data_source"], metrics["config"]["training"], metrics["config"]["model"],
-                                 metrics["config"]["data"], metrics["config"]["seeds"]], sort_keys=True))
+                                 metrics["config"]["data"]], sort_keys=True))
         for name, runs in metrics["results"].items():
-            if name in results:
-                raise SystemExit(f"mode {name!r} appears in more than one of {run_dirs}")
-            results[name] = runs
+            have = {r["seed"] for r in results.get(name, [])}
+            if have & {r["seed"] for r in runs}:
+                raise SystemExit(f"mode {name!r} has two results for a seed in {run_dirs}")
+            results.setdefault(name, []).extend(runs)
     if len(settings) != 1:
-        raise SystemExit(f"the runs in {run_dirs} differ in data, model, training or seeds: not one table")
+        raise SystemExit(f"the runs in {run_dirs} differ in data, model or training: not one table")
+    for runs in results.values():
+        runs.sort(key=lambda r: r["seed"])
     config = yaml.safe_load(config_path.read_text())
     data = json.loads(settings.pop())[3]
     splits, _ = load_fashion_mnist(data)
