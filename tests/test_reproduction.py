@@ -69,6 +69,13 @@ def test_mlp_table_refuses_runs_with_different_settings(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, script, "--table", str(tmp_path / "a"), str(tmp_path / "b")],
                             capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode != 0 and "differ in data, model or training" in result.stderr
+    # more seeds may come from another invocation, but one seed of a mode only once
+    run_script(script, "--set", *tiny[:1], "seeds=[1]", *tiny[2:], "--modes", "baseline", "--output-dir", str(tmp_path / "c"))
+    table = run_script(script, "--table", str(tmp_path / "a"), str(tmp_path / "c"))
+    assert len(table_rows(table, key_column=1)["baseline"][4].split(", ")) == 2  # seeds 0 and 1 in one row
+    twice = subprocess.run([sys.executable, script, "--table", str(tmp_path / "a"), str(tmp_path / "a")],
+                           capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert twice.returncode != 0 and "two results for a seed" in twice.stderr
 
 
 def test_vit_table_labels_controls_and_adds_rows_to_earlier_results(tmp_path: Path) -> None:
