@@ -301,7 +301,8 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
         load = trainer._load_from_checkpoint
         if not getattr(load, "_etf_locks_first", False):
             def load_with_locks(resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-                adopt_checkpoint_locks(model if model is not None else trainer.model, resume_from_checkpoint)
+                if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):  # refused in on_train_begin
+                    adopt_checkpoint_locks(model if model is not None else trainer.model, resume_from_checkpoint)
                 load(resume_from_checkpoint, model)
 
             load_with_locks._etf_locks_first = True  # type: ignore[attr-defined]
