@@ -176,7 +176,7 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> str:
             continue
         values = [100 * r["test_accuracy"] for r in runs]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        locks = "; ".join(f"seed {r['seed']}: " + (", ".join(f"b{b}@{e}" for b, e in r["lock_epochs"].items()) or "none")
+        locks = "; ".join(f"seed {r['seed']}: " + (", ".join(f"b{b}@{e:g}" for b, e in r["lock_epochs"].items()) or "none")
                           for r in runs) if runs[0]["adaptive"] else "-"
         trainable = "/".join(f"{t:,}" for t in sorted({r["trainable_params"] for r in runs}))
         jumps = [jump for r in runs for jump in lock_jumps(r)]
@@ -228,7 +228,7 @@ def paired_table(results: dict[str, list[dict[str, Any]]], modes: list[dict[str,
         vs_baseline = "–" if mode["name"] == baseline or not results.get(baseline) else _paired_cell(runs, per_seed(baseline))
         etf = group_etf.get(mode.get("group", ""))
         vs_etf = _paired_cell(runs, per_seed(etf)) if mode_kind(mode) == "control" and etf else "–"
-        locks = "; ".join(", ".join(f"b{b}@{e}" for b, e in r["lock_epochs"].items()) or "none"
+        locks = "; ".join(", ".join(f"b{b}@{e:g}" for b, e in r["lock_epochs"].items()) or "none"
                           for r in runs) if runs[0]["adaptive"] else "–"
         trainable = "/".join(f"{t:,}" for t in sorted({r["trainable_params"] for r in runs}))
         jumps = "; ".join(", ".join(f"{j:+.1f} %" for j in lock_jumps(r)) or "none"
