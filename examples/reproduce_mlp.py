@@ -243,9 +243,13 @@ def plot_ncc_curves(results: dict[str, list[dict[str, Any]]], path: Path, thresh
     from etf_hf.plotting import new_figure, save_figure
 
     results = {name: runs for name, runs in results.items() if runs}
-    figure = new_figure(4 * len(results), 3.4, dpi=120)
-    axes = figure.subplots(1, len(results), sharey=True, squeeze=False)
-    for axis, (name, runs) in zip(axes[0], results.items()):
+    columns = min(3, len(results))
+    rows = -(-len(results) // columns)
+    figure = new_figure(4.5 * columns, 3.4 * rows, dpi=120)
+    axes = figure.subplots(rows, columns, sharey=True, squeeze=False)
+    for axis in axes.flat[len(results):]:
+        axis.set_visible(False)
+    for axis, (name, runs) in zip(axes.flat, results.items()):
         history = runs[0]["ncc_history"]
         epochs = [entry["epoch"] for entry in history]
         for block in range(len(history[0]["ncc"])):
@@ -254,8 +258,9 @@ def plot_ncc_curves(results: dict[str, list[dict[str, Any]]], path: Path, thresh
             axis.axvline(epoch, color=f"C{block}", linestyle=":", alpha=0.7)
         if threshold is not None:
             axis.axhline(threshold, color="grey", linestyle="--", linewidth=0.8)
-        axis.set(title=f"{name} (seed {runs[0]['seed']})", xlabel="epoch")
-    axes[0][0].set_ylabel("NCC accuracy (train probe)")
+        axis.set(title=f"{name} (seed {runs[0]['seed']}; dotted: lock epochs)", xlabel="epoch")
+    for row in axes:
+        row[0].set_ylabel("NCC accuracy (train probe)")
     axes[0][-1].legend(loc="lower right", fontsize="small")
     return save_figure(figure, path)
 
