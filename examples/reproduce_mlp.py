@@ -311,7 +311,8 @@ def print_merged_table(run_dirs: list[Path], config_path: Path, figure: Path | N
     print(paired_table(results, config["modes"], len(splits["test"][1])))
     if figure is not None:
         adaptive = next((m["adaptive"] for m in config["modes"] if m.get("adaptive") and results.get(m["name"])), {})
-        print(f"wrote {plot_ncc_curves(results, figure, adaptive.get('threshold', 0.9))}")
+        ordered = {m["name"]: results[m["name"]] for m in config["modes"] if results.get(m["name"])}
+        print(f"wrote {plot_ncc_curves(ordered, figure, adaptive.get('threshold', 0.9))}")
 
 
 def main() -> None:
