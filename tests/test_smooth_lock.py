@@ -34,7 +34,7 @@ class Spy(TrainerCallback):
         anneal = self.callback._anneal
         if anneal is not None:
             self.targets = anneal["targets"]
-            self.distances.append(float(sum((model.get_submodule(name).weight - target["target"]).norm()
+            self.distances.append(float(sum((model.get_submodule(name).weight.detach() - target["target"]).norm()
                                             for name, target in anneal["targets"].items())))
 
 
