@@ -39,7 +39,8 @@ def test_sft_trainer_trains_saves_and_reloads_a_patched_llama(tmp_path: Path) ->
     gains = {name: layer.frame_norm.detach().clone() for name, layer in etf_layers(model)}
     texts = ["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn", "rain falls on the roof"] * 4
     args = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
-                         learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                         learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True,
+                         save_strategy="steps", save_steps=2,  # trl writes its own README.md card at each checkpoint
                          max_length=32, disable_tqdm=True,
                          bf16=False)  # SFTConfig defaults to bf16 autocast, which stays on the trained model's forward
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
@@ -62,5 +63,6 @@ def test_sft_trainer_trains_saves_and_reloads_a_patched_llama(tmp_path: Path) ->
     ids = tokenizer("the cat", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model.eval()(ids).logits)
+    assert (saved / "checkpoint-2").is_dir()  # trl's card was written into output_dir before the final save
     card = (saved / "README.md").read_text()
-    assert "- etf_hf" in card and '"basis": "orthogonal"' in card
+    assert "- etf_hf" in card and '"basis": "orthogonal"' in card  # ... and the final save added the ETF section
