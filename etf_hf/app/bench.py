@@ -452,8 +452,9 @@ def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor], aut
     return sum(saved.values())
 
 
-def run_mode(settings: Settings, mode: str) -> dict[str, Any]:
-    """Build a fresh model, apply ``mode``, train ``warmup + steps`` steps; return the mode's measurements."""
+def _fresh_mode(settings: Settings, mode: str) -> tuple[torch.device, MemoryMeter, float, tuple]:
+    """The start every measured mode shares: runtime primed, memory baseline taken, then the mode's model
+    built; returns (device, meter, build start time, build_mode's (model, config, row))."""
     device = torch.device(settings.device)
     prime_runtime(settings)
     if settings.compile:
@@ -463,7 +464,12 @@ def run_mode(settings: Settings, mode: str) -> dict[str, Any]:
     meter = MemoryMeter(device)
     meter.before_build()
     started = time.perf_counter()
-    model, config, row = build_mode(settings, mode, device)
+    return device, meter, started, build_mode(settings, mode, device)
+
+
+def run_mode(settings: Settings, mode: str) -> dict[str, Any]:
+    """Build a fresh model, apply ``mode``, train ``warmup + steps`` steps; return the mode's measurements."""
+    device, meter, started, (model, config, row) = _fresh_mode(settings, mode)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr)
@@ -517,14 +523,7 @@ def run_mode(settings: Settings, mode: str) -> dict[str, Any]:
 def run_inference_mode(settings: Settings, mode: str) -> dict[str, Any]:
     """Build a fresh model, apply ``mode``, time ``warmup + steps`` forward passes without gradients and,
     for generative families, `generation_speed` at each of ``gen_batches``; return the mode's measurements."""
-    device = torch.device(settings.device)
-    prime_runtime(settings)
-    if settings.compile:
-        torch._dynamo.reset()
-    meter = MemoryMeter(device)
-    meter.before_build()
-    started = time.perf_counter()
-    model, config, row = build_mode(settings, mode, device)
+    device, meter, started, (model, config, row) = _fresh_mode(settings, mode)
     model.eval()
     inputs = {key: value for key, value in
               make_batch(settings.family, config, settings.batch, settings.seq, device, settings.seed).items()
