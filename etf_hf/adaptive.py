@@ -58,7 +58,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from .architectures import Slot, find_slots
-from .collapse import collapse_report
+from .collapse import collapse_report, effective_depth
 from .config import ETFConfig
 from .controls import CONTROL_BASES
 from .etf import BASES, slot_seed
@@ -71,17 +71,6 @@ logger = logging.getLogger("etf_hf")
 
 EVERY_EVENTS = ("eval", "epoch")
 RULES = ("effective_depth", "per_block")
-
-
-def collapsed_from(ncc: list[float], threshold: float) -> int | None:
-    """The effective depth of one check: the first block from which every block's NCC is strictly above
-    ``threshold``; None when the last block's is not (nan counts as not above)."""
-    depth = None
-    for block in range(len(ncc) - 1, -1, -1):
-        if not ncc[block] > threshold:
-            break
-        depth = block
-    return depth
 
 
 def _dense_weight(layer: nn.Module, layout: str) -> torch.Tensor:
@@ -406,7 +395,7 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
         if len(ncc) != len(self.counters):
             raise ValueError(f"{len(ncc)} blocks measured, but the counters track {len(self.counters)}")
         if self.rule == "effective_depth":
-            depth = collapsed_from(ncc, self.threshold)
+            depth = effective_depth(ncc, self.threshold, strict=True)
             qualifies = [depth is not None and block >= depth for block in range(len(ncc))]
         else:
             qualifies = [value > self.threshold for value in ncc]
@@ -429,7 +418,7 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
             logs.update(self._start_lock(ready, state.global_step))
         self.history.append({"step": state.global_step, "epoch": state.epoch, "ncc": report.ncc})
         logs.update({f"etf/ncc/layer_{i}": value for i, value in enumerate(report.ncc)})
-        depth = collapsed_from(report.ncc, self.threshold)
+        depth = effective_depth(report.ncc, self.threshold, strict=True)
         logs["etf/effective_depth"] = -1 if depth is None else depth
         logs["etf/locked_blocks"] = len(self.locked)
         logs["etf/trainable_params"] = parameter_summary(model)["trainable"]

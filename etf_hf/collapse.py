@@ -64,12 +64,16 @@ class CollapseReport:
         return "\n".join(lines)
 
 
-def effective_depth(ncc: Sequence[float], threshold: float) -> int | None:
-    """The first block from which NCC accuracy stays >= ``threshold`` in every later block; None if the
-    last block is below it (nan counts as below)."""
+def effective_depth(ncc: Sequence[float], threshold: float, strict: bool = False) -> int | None:
+    """The first block from which NCC accuracy stays >= ``threshold`` (``strict``: > ``threshold``) in every
+    later block; None if the last block's does not (nan never counts).
+
+    Reports and ``layers="auto"`` use >=; Adaptive-ETF's lock rule asks strictly above (the paper's
+    "above the threshold"), so a block sitting exactly at it is not locked on the strength of a tie."""
     depth = None
     for index in range(len(ncc) - 1, -1, -1):
-        if not ncc[index] >= threshold:
+        value = ncc[index]
+        if not (value > threshold if strict else value >= threshold):
             break
         depth = index
     return depth

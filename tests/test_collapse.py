@@ -41,6 +41,13 @@ def test_effective_depth_is_the_start_of_the_final_run_above_threshold():
     assert effective_depth([], 0.9) is None
 
 
+def test_effective_depth_counts_a_tie_only_when_not_strict():
+    """Reports and layers="auto" count NCC equal to the threshold; Adaptive-ETF's lock rule (strict) does not."""
+    assert effective_depth([0.5, 0.9, 0.95], 0.9) == 1
+    assert effective_depth([0.5, 0.9, 0.95], 0.9, strict=True) == 2
+    assert effective_depth([0.5, 0.95, 0.9], 0.9, strict=True) is None
+
+
 def test_pooling_finds_the_last_real_token_on_either_padding_side():
     hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
     right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
