@@ -25,7 +25,7 @@ _EXPORTS = {
     "lock_blocks": "patch", "materialize": "patch", "patch": "patch", "print_trainable_parameters": "patch",
     "resolve": "patch",
     "CollapseReport": "collapse", "collapse_report": "collapse", "plot_collapse": "collapse",
-    "CollapseMetrics": "trainer_metrics", "AdaptiveETFCallback": "adaptive",
+    "CollapseMetrics": "trainer_metrics", "AdaptiveETFCallback": "adaptive", "keep_etf_card": "trainer_hub",
 }
 
 __all__ = sorted(_EXPORTS)

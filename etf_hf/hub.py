@@ -231,8 +231,10 @@ def _hub_model_id(name_or_path: str) -> str | None:
     return name_or_path if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path) else None
 
 
-def _etf_section(model, base_model: str | None) -> str:
-    """The card's ETF part (between `_SECTION_START` and `_SECTION_END`): config, parameter counts, how to load."""
+def _etf_section(model, base_model: str | list[str] | None, repo_id: str | None = None) -> str:
+    """The card's ETF part (between `_SECTION_START` and `_SECTION_END`): config, parameter counts, how to load
+    (from ``repo_id`` when known)."""
+    where = json.dumps(repo_id) if repo_id else '"REPO_OR_FOLDER"'
     etf = ETFConfig.from_dict(model.config.etf)
     summary = parameter_summary(model)
     auto_class = next((name for name in auto_map(model) if name != "AutoConfig"), "AutoModel")
@@ -244,7 +246,7 @@ def _etf_section(model, base_model: str | None) -> str:
 A `{vanilla}` whose feed-forward projections are fixed **simplex equiangular tight frames** (ETFs), made
 with [etf_hf](https://arxiv.org/abs/2412.00884) ("Leveraging Intermediate Neural Collapse with Simplex ETFs").
 Fixed frames are not trained; each ETF layer keeps a trainable gain and bias.
-{f"Base model: `{base_model}`." if base_model else ""}
+{_base_model_line(base_model)}
 
 | | parameters |
 |---|---|
@@ -265,14 +267,14 @@ With the plugin (`pip install etf_hf`):
 ```python
 import etf_hf  # registers the etf_* model types
 from transformers import {auto_class}
-model = {auto_class}.from_pretrained("REPO_OR_FOLDER")
+model = {auto_class}.from_pretrained({where})
 ```
 
 Without the plugin (the checkpoint ships `{REMOTE_CODE_FILE}`, which needs only torch and transformers):
 
 ```python
 from transformers import {auto_class}
-model = {auto_class}.from_pretrained("REPO_OR_FOLDER", trust_remote_code=True)
+model = {auto_class}.from_pretrained({where}, trust_remote_code=True)
 ```
 
 A plain `{vanilla}` (for serving or export) is one call away:
@@ -280,14 +282,24 @@ A plain `{vanilla}` (for serving or export) is one call away:
 {_SECTION_END}"""
 
 
-def model_card(model, base_model: str | None = None, existing: str | None = None) -> ModelCard:
+def _base_model_line(base_model: str | list[str] | None) -> str:
+    if not base_model:
+        return ""
+    names = [base_model] if isinstance(base_model, str) else base_model
+    return f"Base model: {', '.join(f'`{name}`' for name in names)}."
+
+
+def model_card(model, base_model: str | None = None, existing: str | None = None,
+               repo_id: str | None = None) -> ModelCard:
     """README.md for the Hub: ``existing`` (a card already in the folder, e.g. the one
     ``Trainer.create_model_card`` writes) with the ETF tags and section added, or a new card.
 
     The section sits between HTML-comment markers, so a later save replaces it instead of adding a second
-    one; everything else in ``existing`` (its text, license, model-index, ...) is kept.
+    one; everything else in ``existing`` (its text, license, model-index, ...) is kept. ``base_model``, when
+    given, is written into the metadata and the section; without it the card's own ``base_model`` stands
+    (a Trainer writes its ``finetuned_from`` there), else where the model was loaded from, if a Hub id.
+    ``repo_id``: the Hub repo the card is uploaded to, named in the loading code.
     """
-    base_model = base_model or _hub_model_id(getattr(model.config, "_name_or_path", ""))
     if existing is not None:
         card = ModelCard(existing)
         data, text = card.data, card.text
@@ -295,19 +307,24 @@ def model_card(model, base_model: str | None = None, existing: str | None = None
         data, text = ModelCardData(), f"# {etf_class_name(model)}\n"
     data.library_name = data.library_name or "transformers"
     data.tags = [*(data.tags or []), *(tag for tag in MODEL_TAGS if tag not in (data.tags or []))]
-    if base_model and not data.base_model:
-        data.base_model = base_model
+    data.base_model = base_model or data.base_model or _hub_model_id(getattr(model.config, "_name_or_path", ""))
     before, start, rest = text.partition(_SECTION_START)
     after = rest.partition(_SECTION_END)[2] if start else ""
-    text = f"{before.rstrip()}\n\n{_etf_section(model, base_model)}\n{after.lstrip()}"
+    text = f"{before.rstrip()}\n\n{_etf_section(model, data.base_model, repo_id)}\n{after.lstrip()}"
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{text.lstrip()}")
 
 
-def write_hub_files(model, save_directory: str | os.PathLike, base_model: str | None = None) -> None:
-    """Write the remote-code module, and the model card: a new one, or the ETF section added to the card
-    already there (a Trainer's, or the user's own)."""
-    directory = Path(save_directory)
-    (directory / REMOTE_CODE_FILE).write_text(remote_code_source(model))
-    card = directory / "README.md"
+def write_model_card(model, directory: str | os.PathLike, base_model: str | None = None,
+                     repo_id: str | None = None) -> None:
+    """Write ``directory``/README.md: a new card, or the ETF section added to the card already there (a
+    Trainer's, or the user's own)."""
+    card = Path(directory) / "README.md"
     existing = card.read_text(encoding="utf-8") if card.exists() else None
-    card.write_text(str(model_card(model, base_model, existing)), encoding="utf-8")
+    card.write_text(str(model_card(model, base_model, existing, repo_id)), encoding="utf-8")
+
+
+def write_hub_files(model, save_directory: str | os.PathLike, base_model: str | None = None,
+                    repo_id: str | None = None) -> None:
+    """Write the remote-code module and the model card (`write_model_card`)."""
+    (Path(save_directory) / REMOTE_CODE_FILE).write_text(remote_code_source(model))
+    write_model_card(model, save_directory, base_model, repo_id)

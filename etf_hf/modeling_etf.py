@@ -94,7 +94,8 @@ class ETFModelMixin:
         """`PreTrainedModel.save_pretrained`, plus remote code and a model card.
 
         etf_storage: ``"compact"`` or ``"dense"`` for this save only (default: ``config.etf["storage"]``).
-        base_model: Hub id written into the model card (default: where the model was loaded from).
+        base_model: Hub id written into the model card (default: the ``base_model`` of a card already in
+            ``save_directory``, else where the model was loaded from).
         """
         etf = ETFConfig.from_dict(self.config.etf)
         storage = etf.storage if etf_storage is None else ETFConfig(storage=etf_storage).storage

@@ -20,6 +20,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForImageClassification,
 import etf_hf
 from etf_hf import ETFConfig, etf_layers, materialize, patch
 from etf_hf.hub import _FOOTER_MARKER, REMOTE_CODE_FILE
+from intercepted_hub import intercept_hub
 from isolated import run_python
 from tiny_models import tiny_bert, tiny_gpt2, tiny_vit, token_batch
 
@@ -238,7 +239,7 @@ def test_trainer_push_to_hub_card_has_the_etf_tags_and_a_later_save_adds_the_etf
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no")
     trainer = Trainer(model=model, args=args)
     trainer.push_to_hub()
-    assert "Fixed simplex-ETF" not in uploaded["card"]  # the Trainer's own card (see README: push_to_hub)
+    assert "Fixed simplex-ETF" not in uploaded["card"]  # the Trainer's own card: no etf_hf.keep_etf_card(trainer)
     assert {"etf", "neural-collapse", "etf_hf"} <= set(card_metadata(uploaded["card"])["tags"])
     trainer.save_model()
     card = (tmp_path / "README.md").read_text()
@@ -246,6 +247,101 @@ def test_trainer_push_to_hub_card_has_the_etf_tags_and_a_later_save_adds_the_etf
     assert card.count("Fixed simplex-ETF") == 1 and "trust_remote_code=True" in card
     assert '"basis": "orthogonal"' in card and "generated_from_trainer" in card_metadata(card)["tags"]
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config.etf == model.config.etf
+
+
+def _causal_lm_data(count: int = 8) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": ids, "labels": ids} for ids in token_batch(batch=count)]
+
+
+def test_keep_etf_card_trainer_push_to_hub_uploads_the_trainers_card_with_the_etf_section(
+        monkeypatch, tmp_path: Path) -> None:
+    """The real `Trainer.push_to_hub`, the Hub intercepted: with `keep_etf_card` the uploaded README.md is the
+    Trainer's card (training summary, model-index) with the ETF tags, base_model and the ETF section added."""
+    from transformers import Trainer, TrainingArguments
+
+    uploads = intercept_hub(monkeypatch, tmp_path / "hub")
+    model = patch(tiny_gpt2(), ETFConfig(basis="orthogonal"))
+    model.config._name_or_path = "openai-community/gpt2"  # as if loaded from the Hub
+    args = TrainingArguments(output_dir=str(tmp_path / "etf-gpt2"), report_to="none", use_cpu=True, max_steps=2,
+                             per_device_train_batch_size=4, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_causal_lm_data())
+    assert etf_hf.keep_etf_card(trainer) is trainer
+    callbacks = len(trainer.callback_handler.callbacks)
+    etf_hf.keep_etf_card(trainer)  # a second call changes nothing
+    assert len(trainer.callback_handler.callbacks) == callbacks
+    trainer.train()
+    trainer.push_to_hub()
+    trainer.push_to_hub()  # pushing again rewrites the card: still one ETF section
+    folder = uploads[-1]
+    assert {"config.json", "model.safetensors", REMOTE_CODE_FILE, "README.md"} <= {p.name for p in folder.iterdir()}
+    card = (folder / "README.md").read_text()
+    metadata = card_metadata(card)
+    assert {*etf_hf.hub.MODEL_TAGS, "generated_from_trainer"} <= set(metadata["tags"])
+    assert metadata["base_model"] == "openai-community/gpt2" and metadata["model-index"][0]["name"] == "etf-gpt2"
+    assert "### Training hyperparameters" in card and "- training_steps: 2" in card  # the Trainer's summary ...
+    assert card.index("- training_steps: 2") < card.index("Fixed simplex-ETF")  # ... then the ETF section, once
+    assert card.count("Fixed simplex-ETF") == 1 and "Base model: `openai-community/gpt2`." in card
+    assert '"basis": "orthogonal"' in card and 'from_pretrained("someone/etf-gpt2", trust_remote_code=True)' in card
+    assert AutoModelForCausalLM.from_pretrained(folder).config.etf == model.config.etf
+
+
+@pytest.mark.slow  # a fresh Python process
+def test_keep_etf_card_checkpoint_pushes_carry_the_remote_code_and_the_etf_card(monkeypatch, tmp_path: Path) -> None:
+    """A push during training (``push_to_hub=True``) uploads ``output_dir`` after copying in only the weights and
+    config: with `keep_etf_card` the remote code that ``config.auto_map`` names and the ETF card are there too,
+    and the upload loads where etf_hf is not installed."""
+    from transformers import Trainer, TrainingArguments
+
+    uploads = intercept_hub(monkeypatch, tmp_path / "hub")
+    model = patch(tiny_gpt2(), ETFConfig(basis="orthogonal"))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, max_steps=2,
+                             per_device_train_batch_size=4, save_strategy="steps", save_steps=2, disable_tqdm=True,
+                             push_to_hub=True, hub_model_id="someone/etf-gpt2")
+    trainer = etf_hf.keep_etf_card(Trainer(model=model, args=args, train_dataset=_causal_lm_data()))
+    trainer.train()
+    checkpoint_push, = uploads
+    assert {REMOTE_CODE_FILE, "README.md", "config.json", "model.safetensors"} <= {
+        p.name for p in checkpoint_push.iterdir()}
+    card = (checkpoint_push / "README.md").read_text()
+    assert card.count("Fixed simplex-ETF") == 1 and "etf" in card_metadata(card)["tags"]
+    inputs = token_batch()
+    torch.save(inputs, tmp_path / "inputs.pt")
+    result = run_python(f"""
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(checkpoint_push)!r}, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+with torch.no_grad():
+    torch.save(model(torch.load({str(tmp_path / 'inputs.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
+""", without_etf_hf=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), logits(model, input_ids=inputs))
+
+
+def test_keep_etf_card_needs_an_etf_model(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(TypeError, match="needs a Trainer whose model is an ETF model.*GPT2LMHeadModel"):
+        etf_hf.keep_etf_card(Trainer(model=tiny_gpt2(), args=args))
+    adapted = get_peft_model(patch(tiny_gpt2(), ETFConfig(layers="last:1")),
+                             LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    with pytest.raises(TypeError, match="PEFT model.*model.push_to_hub"):
+        etf_hf.keep_etf_card(Trainer(model=adapted, args=args))
+
+
+def test_keep_etf_card_leaves_a_materialized_models_card_to_the_trainer(monkeypatch, tmp_path: Path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    uploads = intercept_hub(monkeypatch, tmp_path / "hub")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    trainer = etf_hf.keep_etf_card(Trainer(model=patch(tiny_gpt2()), args=args))
+    materialize(trainer.model)  # a vanilla GPT-2 again: an ETF section would describe layers it no longer has
+    trainer.push_to_hub()
+    card = (uploads[-1] / "README.md").read_text()
+    assert "Fixed simplex-ETF" not in card and not set(etf_hf.hub.MODEL_TAGS) & set(card_metadata(card)["tags"])
+    assert REMOTE_CODE_FILE not in {p.name for p in uploads[-1].iterdir()}
 
 
 def test_materialized_model_loses_the_etf_tags() -> None:
