@@ -100,6 +100,8 @@ def main() -> None:
     # where etf_hf is not installed, because save_pretrained wrote a self-contained modeling file:
     #   model.push_to_hub("your-name/gpt2-etf-shakespeare")
     #   AutoModelForCausalLM.from_pretrained("your-name/gpt2-etf-shakespeare", trust_remote_code=True)
+    # or from the Trainer, whose card (training summary) then gets the ETF section, tags and base_model:
+    #   etf_hf.keep_etf_card(trainer); trainer.push_to_hub()
 
 
 if __name__ == "__main__":
