@@ -484,12 +484,14 @@ def find_slots(model: nn.Module, config: ETFConfig) -> list[Slot]:
 
     Raises ValueError naming what was looked for when the architecture is unknown, a block index is
     out of range, or nothing matches. ``layers=[]`` (a fixed head alone) selects nothing without looking.
+    ``layers`` must be explicit: None (the default) and ``"auto"`` are choices `etf_hf.resolve` makes per
+    model (`resolve_layers`), so ``find_slots(model, etf_hf.resolve(model, config))`` is what `patch` replaces.
     """
     if config.layers == []:
         return []
     slots = all_slots(model, config)
     if config.target_modules and any(s.block < 0 for s in slots):
-        if config.layers not in (None, "all"):
+        if config.layers != "all":
             raise ValueError("ETFConfig.layers can only filter target_modules that live in numbered blocks; use layers='all'")
         return slots
     stacks = model_stacks(model, config)
@@ -499,12 +501,16 @@ def find_slots(model: nn.Module, config: ETFConfig) -> list[Slot]:
     return [s for s in slots if s.block in wanted.get(s.stack, ())]
 
 
-def _count_blocks(layers: str | list[int] | None, total: int, where: str) -> list[int]:
+def _count_blocks(layers: str | list[int], total: int, where: str) -> list[int]:
+    if layers is None:
+        raise ValueError("ETFConfig.layers=None is the default that etf_hf.resolve(model, config) decides for the "
+                         "model (every block of a model built from a config, the second half of a pretrained one); "
+                         "resolve the config first (etf_hf.patch does), or give layers='all', 'last:N' or [i, ...]")
     if layers == "auto":
         raise ValueError("ETFConfig.layers='auto' is chosen from NCC on labelled data: call "
                          "etf_hf.patch(model, config, data=...) (or etf_hf.suggest_layers), which writes the chosen "
                          "blocks into config.etf; or give layers='all', 'last:N' or [i, ...]")
-    if layers is None or layers == "all":
+    if layers == "all":
         return list(range(total))
     if isinstance(layers, str):
         count = int(layers.split(":")[1])
@@ -527,8 +533,8 @@ def resolve_layers(layers: Any, sizes: int | Mapping[str, int],
     A single-stack model (``sizes`` an int, or one stack named `SINGLE`) gets a list. A model of several
     stacks gets one list per stack: a plain value (``"all"``, ``"last:N"``, ``[i, ...]``) applies to each
     stack, a mapping names the stacks it patches (those it leaves out get no ETF layer). None (the
-    default) counts as ``"all"`` here, the default of a model built from a config; `etf_hf.patch`
-    resolves the default of a pretrained model (and ``"auto"``) before slots are looked up.
+    default) and ``"auto"`` are refused: they depend on the model's weights (and data), which only
+    `etf_hf.resolve` looks at.
     """
     if isinstance(sizes, int):
         sizes = {SINGLE: sizes}

@@ -13,18 +13,22 @@ from .etf import BASES
 
 #: Version of the `config.etf` format this release writes; a checkpoint written by a newer release
 #: is refused rather than half-understood.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: Fields added after version 1, with the version that added them. An older config.etf lacks them and is
 #: read with their defaults (which reproduce what that older release built); a newer field in an older
-#: version's dict is refused like any unknown field.
-_ADDED_IN_VERSION = {"head": 2, "head_basis": 2, "placement": 2, "recompute": 3}
+#: version's dict is refused like any unknown field. ``modules`` (version 4) is then recomputed from the
+#: model when it loads (`etf_hf.injection.recorded_modules`).
+_ADDED_IN_VERSION = {"head": 2, "head_basis": 2, "placement": 2, "recompute": 3, "modules": 4}
+#: The keys of one ``modules`` entry (see `ETFConfig.modules`).
+MODULE_KEYS = ("path", "root", "role", "layout", "seed_key")
 
 PROJECTIONS = ("up", "down", "both")
 STORAGES = ("compact", "dense")
 _LAST_N = re.compile(r"last:(\d+)")
 #: The largest number gain tensors can hold: they are float32 (or the model's dtype, checked by `etf_hf.patch`).
 GAIN_MAX = float(torch.finfo(torch.float32).max)
-#: ``layers`` values that `etf_hf.patch` resolves into block indices itself (the default and ``"auto"``).
+#: ``layers`` values that only `etf_hf.resolve` turns into block indices (the default and ``"auto"``): every
+#: other function that selects blocks (`etf_hf.architectures.find_slots`) refuses them.
 LAYER_CHOICES = (None, "auto")
 
 
@@ -34,12 +38,15 @@ class ETFConfig:
 
     layers: ``"all"``, ``"last:N"`` (the last N blocks), a list of block indices (0-based), ``"auto"``
         (the blocks from the effective depth on, measured by NCC on labelled data:
-        ``etf_hf.patch(model, config, data=...)``, see `etf_hf.suggest_layers`) or None, the default:
-        every block of a model built from a config (random init), and for a model loaded with pretrained
-        weights ``"auto"`` when ``data`` is given, else the second half of its blocks (see
-        `etf_hf.placement`; why: fixing every FFN of a pretrained model cost 7-9 points
-        in the pre-study, the last half < 1). ``[]`` fixes no FFN block (only with ``head=True``).
-        `patch` writes the resolved list into ``config.etf``, so a checkpoint never depends on the data.
+        ``etf_hf.patch(model, config, data=...)``, see `etf_hf.suggest_layers`) or None, the default.
+        None means one thing: "let `etf_hf.resolve` choose for this model": every block of a model built
+        from a config (random init), and for a model loaded with pretrained weights ``"auto"`` when ``data``
+        is given, else the second half of its blocks (see `etf_hf.placement`; why: fixing every FFN of a
+        pretrained model cost 7-9 points in the pre-study, the last half < 1). Only `resolve` (and so
+        `patch`) reads None; `etf_hf.architectures.find_slots` and the other block selectors refuse it,
+        and a resolved config (``config.etf``) always holds explicit blocks. ``[]`` fixes no FFN block
+        (only with ``head=True``). `patch` writes the resolved list into ``config.etf``, so a checkpoint
+        never depends on the data.
         On a model of several stacks (T5, BART, Whisper: ``encoder`` / ``decoder``; CLIP: ``text`` /
         ``vision``) a plain value applies to each stack, and a mapping addresses them one by one:
         ``{"encoder": "last:2", "decoder": "all"}`` (a stack left out gets no ETF layer). `patch` then
@@ -78,6 +85,14 @@ class ETFConfig:
     placement: how `patch` chose ``layers`` (written by `patch`, not an input): the rule, a sentence
         saying why, and for ``"auto"`` the threshold, the per-block NCC accuracies and the effective
         depth. A record only: it takes no part in comparing configs, nor in their repr (see config.etf).
+    modules: the modules `patch` replaced (written by `patch`, not an input): one entry per module, with
+        its ``path`` below ``root`` (``"base_model"``, so that every head class of the family finds it, or
+        ``"model"`` for a module outside the base model: the head, a ``target_modules`` match such as
+        ``lm_head``), ``role`` (``up``/``down``/``head``), weight ``layout`` and the ``seed_key`` its frame's
+        seed derives from. Loading rebuilds the layers from this list alone, so a
+        checkpoint's remote code needs neither the architecture registry nor this class's validation; with
+        etf_hf installed, loading checks it against ``layers`` (and recomputes it for an older format).
+        Not compared either: it follows from the other fields and the model.
     """
 
     layers: str | list[int] | dict[str, str | list[int]] | None = None
@@ -92,6 +107,7 @@ class ETFConfig:
     head_basis: str | None = None
     recompute: bool | None = None
     placement: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    modules: list[dict[str, str]] | None = field(default=None, compare=False, repr=False)
     format_version: int = field(default=FORMAT_VERSION)
 
     def __post_init__(self) -> None:
@@ -145,6 +161,8 @@ class ETFConfig:
         if self.placement is not None and not isinstance(self.placement, dict):
             raise ValueError(f"ETFConfig.placement must be a JSON object or null (it is written by etf_hf.patch), "
                              f"got {type(self.placement).__name__}")
+        if self.modules is not None:
+            self.modules = self._checked_modules(self.modules)
         if self.format_version != FORMAT_VERSION:
             if isinstance(self.format_version, int) and self.format_version > FORMAT_VERSION:
                 raise ValueError(
@@ -201,6 +219,15 @@ class ETFConfig:
             "'all', 'auto', 'last:N', a list of ints, a mapping of stack -> layers, or None"
         raise ValueError(f"{where} must be {allowed}, got {type(layers).__name__}")
 
+    @staticmethod
+    def _checked_modules(modules: Any) -> list[dict[str, str]]:
+        entries = list(modules) if isinstance(modules, (list, tuple)) else None
+        if entries is None or not all(isinstance(entry, dict) and set(entry) == set(MODULE_KEYS)
+                                      and all(isinstance(value, str) for value in entry.values()) for entry in entries):
+            raise ValueError(f"ETFConfig.modules must be a list of {{{', '.join(MODULE_KEYS)}}} string records "
+                             f"(it is written by etf_hf.patch; leave it unset)")
+        return [dict(entry) for entry in entries]
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form written to `model.config.etf`."""
         return asdict(self)
@@ -212,7 +239,9 @@ class ETFConfig:
         A checkpoint is a contract; a missing or unknown key means it was written by something else, and
         guessing a default could silently rebuild different frames. The one exception is an older format
         version, whose dict lacks exactly the fields added since: those get the defaults that reproduce
-        what the older release built (no head, no placement record), and the result is this version.
+        what the older release built (no head, no placement record, ``modules`` recomputed on loading), and
+        the result is this version. An older release recorded ``layers`` None when ``target_modules``
+        matched modules outside numbered blocks, which meant all of them: read as ``"all"``.
         """
         if isinstance(data, ETFConfig):
             return data
@@ -231,4 +260,6 @@ class ETFConfig:
         missing = sorted(names - set(data))
         if missing:
             raise ValueError(f"config.etf is missing field(s) {missing}")
+        if older and data.get("layers", "all") is None and data.get("target_modules"):
+            data = {**data, "layers": "all"}
         return cls(**{**data, "format_version": FORMAT_VERSION} if older else data)

@@ -27,8 +27,8 @@ def register_auto_models(config_class: type) -> None:
     """Register the model classes of ``config_class`` (and of the configs it derives from) once.
 
     Each class along the MRO that defines ``auto_registration = (module, function)`` names the function
-    that registers its models. Remote code (``_SELF_CONTAINED``) skips this: its footer defines the
-    classes and transformers registers them from ``auto_map``.
+    that registers its models. Remote code that inlines such a config (the paper's MLP) skips this
+    (``_SELF_CONTAINED``): its footer defines the classes and transformers maps them through ``auto_map``.
     """
     if globals().get("_SELF_CONTAINED"):
         return
@@ -63,8 +63,7 @@ def etf_config_class(vanilla: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
             "__doc__": f"{vanilla.__name__} of a model patched by etf_hf; `config.etf` says how.",
         })
         setattr(sys.modules[__name__], name, cls)  # pickles by name
-        if not globals().get("_SELF_CONTAINED"):  # remote code: transformers maps it through config.auto_map
-            AutoConfig.register(cls.model_type, cls, exist_ok=True)
+        AutoConfig.register(cls.model_type, cls, exist_ok=True)
         _CONFIG_CLASSES[vanilla] = cls
     return _CONFIG_CLASSES[vanilla]
 

@@ -14,7 +14,6 @@ import functools
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -32,6 +31,19 @@ _PACKAGE = "etf_hf"
 SOURCE_MODULES = ("etf", "controls", "config", "layers", "architectures", "ffn", "head", "injection", "configuration_etf",
                   "hub", "modeling_etf")
 _FOOTER_MARKER = "# ---- etf_hf remote-code footer: the classes this checkpoint needs ----"
+#: Code that only some checkpoints run, by the feature of ``config.etf`` that runs it (see `_features`):
+#: the names through which the rest of the library enters it. A checkpoint's remote code leaves out the
+#: code of the features its config does not use (and whatever only that code reaches); a name left out but
+#: still named by code kept (the structured branch of `ETFLinear`, never taken by an orthogonal layer) is
+#: bound to a `_LeftOut`, which fails with a clear message if it is ever used. A new entry point into one
+#: of these features is added here; the remote-code tests of that feature fail until it is.
+OPTIONAL_CODE = {
+    "structured": ("_StructuredFrameLinear", "StructuredOperator", "StructuredPlan", "structured_apply",
+                   "structured_apply_t", "structured_dense", "structured_operator", "structured_operator_layout",
+                   "structured_operator_sizes", "structured_plan", "structured_rows_apply", "structured_rows_apply_t"),
+    "controls": ("control_frame",),
+    "head": ("ETFClassifier",),
+}
 #: The model card's ETF section lies between these markers (a later save replaces it).
 _SECTION_START = "<!-- etf_hf: start of the generated ETF section -->"
 _SECTION_END = "<!-- etf_hf: end of the generated ETF section -->"
@@ -52,12 +64,6 @@ def _used_names(statement: ast.stmt) -> set[str]:
     return {node.id for node in ast.walk(statement) if isinstance(node, ast.Name)}
 
 
-#: Methods the remote code leaves out: a model loaded through it saves with transformers' own
-#: ``save_pretrained``, which copies this file and keeps ``config.auto_map`` (pushing a new ETF model, or
-#: one with a model card, is the library's job).
-_LIBRARY_ONLY_METHODS = {"ETFModelMixin": {"save_pretrained", "push_to_hub"}}
-
-
 def _without_docstring(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> None:
     first = node.body[0]
     if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
@@ -67,13 +73,11 @@ def _without_docstring(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassD
 def _for_remote_code(statement: ast.stmt) -> ast.stmt:
     """What the generated file does not need: docstrings and function annotations (``from __future__ import
     annotations`` keeps them unevaluated anyway; dataclass fields keep theirs, module constants lose
-    theirs), and `_LIBRARY_ONLY_METHODS`. Only top-level definitions and their methods are edited."""
+    theirs). Only top-level definitions and their methods are edited."""
     if isinstance(statement, ast.AnnAssign) and statement.value is not None:
         return ast.Assign(targets=[statement.target], value=statement.value, lineno=statement.lineno)
     functions = [statement] if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef)) else []
     if isinstance(statement, ast.ClassDef):
-        dropped = _LIBRARY_ONLY_METHODS.get(statement.name, set())
-        statement.body = [item for item in statement.body if getattr(item, "name", None) not in dropped]
         _without_docstring(statement)
         functions = [item for item in statement.body if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))]
     for function in functions:
@@ -95,14 +99,15 @@ def _module_statements(relative_path: str) -> list[ast.stmt]:
             if not (isinstance(statement, ast.ImportFrom) and (statement.level or statement.module == "__future__"))]
 
 
-def _reachable(statements: list[ast.stmt], roots: set[str]) -> list[ast.stmt]:
-    """The statements defining ``roots`` and, transitively, every name they use (original order kept).
+def _reachable(statements: list[ast.stmt], roots: set[str], left_out: frozenset[str] = frozenset()) -> list[ast.stmt]:
+    """The statements defining ``roots`` and, transitively, every name they use (original order kept),
+    except the definitions of ``left_out`` names.
 
     Statements that define nothing (a bare call) are kept whole; an import keeps only the names used.
     """
     definers: dict[str, list[int]] = {}
     for index, statement in enumerate(statements):
-        for name in _defined_names(statement):
+        for name in _defined_names(statement) - left_out:
             definers.setdefault(name, []).append(index)
     kept = {index for index, statement in enumerate(statements) if not _defined_names(statement)}
     needed = set(roots).union(*(_used_names(statements[index]) for index in kept))
@@ -130,34 +135,53 @@ def _reachable(statements: list[ast.stmt], roots: set[str]) -> list[ast.stmt]:
     return result
 
 
+class _LeftOut:
+    """Stands in the remote code for a name of a feature the checkpoint does not use (see `OPTIONAL_CODE`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"{self.name} is not in this checkpoint's remote code, because its config.etf does not "
+                           f"use it; with etf_hf installed (pip install etf_hf; import etf_hf) it is available")
+
+    def __getattr__(self, attribute: str):
+        self()
+
+
+def _features(etf: dict) -> frozenset[str]:
+    """The `OPTIONAL_CODE` features a checkpoint's ``config.etf`` uses."""
+    bases = {etf["basis"], etf["head_basis"]}
+    return frozenset(feature for feature, used in (("structured", "structured" in bases),
+                                                   ("controls", bool(bases & set(CONTROL_BASES))),
+                                                   ("head", etf["head"])) if used)
+
+
 @functools.cache
-def _generated_library(own_modules: tuple[str, ...], roots: frozenset[str]) -> str:
+def _generated_library(own_modules: tuple[str, ...], roots: frozenset[str], features: frozenset[str]) -> str:
+    """The generated file up to the footer: what ``roots`` reach in `SOURCE_MODULES` and ``own_modules``
+    (dotted etf_hf module names defining the vanilla classes, inlined because the loading process need
+    not have etf_hf), less the `OPTIONAL_CODE` of features not in ``features``."""
     statements = [statement for name in SOURCE_MODULES for statement in _module_statements(f"{name}.py")]
     for module in own_modules:
         statements += _module_statements("/".join(module.split(".")[1:]) + ".py")
+    left_out = frozenset(name for feature, names in OPTIONAL_CODE.items() if feature not in features for name in names)
+    kept = _reachable(statements, set(roots), left_out)
+    stand_ins = sorted(left_out & set().union(*(_used_names(statement) for statement in kept)))
+    if stand_ins:
+        kept = _reachable(statements, {*roots, "_LeftOut"}, left_out)
     lines = ["from __future__ import annotations",
              '"""Self-contained etf_hf modeling code (generated by etf_hf); needs only torch and transformers."""']
     seen: dict[str, str] = {}
-    for statement in _reachable(statements, set(roots)):
+    for statement in kept:
         source = ast.unparse(statement)
         for name in _defined_names(statement) - {"logger"}:
             if seen.setdefault(name, source) != source and not isinstance(statement, (ast.Import, ast.ImportFrom)):
                 raise RuntimeError(f"{name!r} is defined twice in the remote-code modules; rename one")
         if source not in lines:
             lines.append(source)
+    lines += [f"{name} = _LeftOut({name!r})" for name in stand_ins]
     return "\n".join(lines) + "\n"
-
-
-def _library_source(own_modules: list[str], roots: set[str]) -> str:
-    """The generated file up to the footer: what ``roots`` reach in `SOURCE_MODULES` and ``own_modules``
-    (dotted etf_hf module names defining the vanilla classes, inlined because the loading process need
-    not have etf_hf)."""
-    this_module = sys.modules[__name__]
-    if getattr(this_module, "_SELF_CONTAINED", False):
-        # We are already running from a generated file: reuse its library part (own modules included).
-        # The last occurrence is the footer: hub.py's own source above it holds the marker as a string.
-        return Path(this_module.__file__).read_text().rpartition(_FOOTER_MARKER)[0]
-    return _generated_library(tuple(own_modules), frozenset(roots))
 
 
 def etf_class_name(model) -> str:
@@ -169,7 +193,8 @@ def etf_class_name(model) -> str:
 
 
 def remote_code_source(model) -> str:
-    """The remote-code module for ``model``'s class: the library, then the classes ``auto_map`` names.
+    """The remote-code module for ``model``'s class: what loading needs from the library (`ETFModelBase`
+    and what it reaches), then the two classes ``auto_map`` names.
 
     A vanilla class from transformers is imported in the footer. One that etf_hf defines itself (the
     paper's MLP, ``etf_hf.models.mlp``) cannot be: its module is inlined into the library part instead,
@@ -181,19 +206,23 @@ def remote_code_source(model) -> str:
     footer = [_FOOTER_MARKER]
     for vanilla in (vanilla_config, vanilla_model):
         module = vanilla.__module__
-        if module == __name__:
-            continue  # running from a generated file whose library part already defines it
         if module.split(".")[0] != _PACKAGE:
             footer.append(f"from {module} import {vanilla.__name__}")
         elif module not in own_modules:
             own_modules.append(module)
+    config_class = type(model.config).__name__
     footer += [
-        "_SELF_CONTAINED = True",
-        f"{type(model.config).__name__} = etf_config_class({vanilla_config.__name__})",
-        f"{etf_class_name(model)} = etf_model_class({vanilla_model.__name__})",
+        "_SELF_CONTAINED = True",  # an inlined etf_hf config (the MLP's) registers no classes: auto_map does
+        f"class {config_class}({vanilla_config.__name__}):",
+        f"    model_type = {type(model.config).model_type!r}",
+        f"    etf_vanilla_class = {vanilla_config.__name__}",
+        f"class {etf_class_name(model)}(ETFModelBase, {vanilla_model.__name__}):",
+        f"    config_class = {config_class}",
+        f"    etf_vanilla_class = {vanilla_model.__name__}",
     ]
-    roots = {"etf_config_class", "etf_model_class", vanilla_config.__name__, vanilla_model.__name__}
-    return _library_source(own_modules, roots) + "\n".join(footer) + "\n"
+    roots = {"ETFModelBase", vanilla_config.__name__, vanilla_model.__name__}
+    library = _generated_library(tuple(own_modules), frozenset(roots), _features(model.config.etf))
+    return library + "\n".join(footer) + "\n"
 
 
 @functools.cache

@@ -19,10 +19,10 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from .architectures import model_stacks
-from .config import ETFConfig
+from .config import FORMAT_VERSION, ETFConfig
 from .configuration_etf import _CONFIG_CLASSES, etf_config_class, register_auto_models
 from .hub import MODEL_TAGS, auto_classes, auto_map, write_hub_files
-from .injection import apply_etf_layers, etf_layers, frame_is_stored, store_frames
+from .injection import apply_etf_layers, etf_layers, frame_is_stored, recorded_modules, store_frames
 
 logger = logging.getLogger("etf_hf")
 
@@ -42,12 +42,12 @@ def _refuse_shared_stack_layers(model: PreTrainedModel, etf: ETFConfig) -> None:
         f"call etf_hf.materialize(model) before saving, or patch the vanilla model again")
 
 
-class ETFModelMixin:
-    """Behaviour shared by every generated ETF model class.
-
-    Construction applies ``config.etf`` to the freshly built vanilla model, so ``from_config`` and
-    ``from_pretrained`` rebuild the patched structure; loading then restores what transformers cannot:
-    regenerable frames (left as uninitialised memory) and fails loudly on stored frames that are missing.
+class ETFModelBase:
+    """What every ETF model class needs to be built and loaded, and all that a checkpoint's remote code
+    holds (see `etf_hf.hub`): construction applies the record in ``config.etf`` (`ETFConfig.modules`) to
+    the freshly built vanilla model, so ``from_config`` and ``from_pretrained`` rebuild the patched
+    structure; loading then restores what transformers cannot: regenerable frames (left as uninitialised
+    memory), and fails loudly on stored frames that are missing or of the wrong shape.
     """
 
     etf_vanilla_class: type[PreTrainedModel]
@@ -59,11 +59,19 @@ class ETFModelMixin:
                 f"{type(self).__name__} needs a config with an `etf` field; to add ETF layers to a "
                 f"{self.etf_vanilla_class.__name__}, load it with transformers and call etf_hf.patch(model, ETFConfig(...))"
             )
-        etf = ETFConfig.from_dict(config.etf)
-        config.etf = etf.to_dict()  # an older format version is held (and saved) as this version's dict
-        _refuse_shared_stack_layers(self, etf)
-        apply_etf_layers(self, etf)
+        config.etf = self._etf_record(config.etf)
+        apply_etf_layers(self, config.etf)
         self.add_model_tags(list(MODEL_TAGS))  # a Trainer's model card carries them
+
+    def _etf_record(self, etf: dict[str, Any]) -> dict[str, Any]:
+        """``config.etf`` as `apply_etf_layers` reads it. Remote code reads only the format it was generated
+        with (it ships with its checkpoint, whose config etf_hf validated when it wrote it)."""
+        if etf.get("format_version") != FORMAT_VERSION or not isinstance(etf.get("modules"), list):
+            raise ValueError(
+                f"config.etf has format_version {etf.get('format_version')!r} without the modules record of format "
+                f"{FORMAT_VERSION}, the only one this remote code reads: load the checkpoint with etf_hf installed "
+                f"(pip install etf_hf, then import etf_hf), which reads every earlier format")
+        return etf
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
@@ -88,6 +96,25 @@ class ETFModelMixin:
             if not frame_is_stored(layer):
                 layer.reset_frame()
         return (model, info) if want_info else model
+
+
+class ETFModelMixin(ETFModelBase):
+    """`ETFModelBase` with what needs the library: every ``config.etf`` format read and validated, and
+    saving with remote code and a model card (a model loaded through remote code saves with transformers'
+    own ``save_pretrained``, which copies that file and keeps ``config.auto_map``)."""
+
+    def _etf_record(self, etf: dict[str, Any]) -> dict[str, Any]:
+        """Validated (`ETFConfig.from_dict`, which reads older formats into this one), and ``modules`` checked
+        against what ``layers`` selects in this model, or computed for a format that did not record it."""
+        config = ETFConfig.from_dict(etf)
+        _refuse_shared_stack_layers(self, config)
+        modules = recorded_modules(self, config)
+        if config.modules is not None and config.modules != modules:
+            differing = next((a, b) for a, b in zip([*config.modules, None], [*modules, None]) if a != b)
+            raise ValueError(f"config.etf records modules that its layers={config.layers!r} do not select in "
+                             f"{type(self).__name__} (first difference: recorded {differing[0]}, selected "
+                             f"{differing[1]}); the checkpoint was edited or written for another model structure")
+        return dataclasses.replace(config, modules=modules).to_dict()  # an older format is held (and saved) as this one
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, etf_storage: str | None = None,
                         base_model: str | None = None, **kwargs: Any) -> None:

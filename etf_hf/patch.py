@@ -11,11 +11,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import find_head, find_slots, head_names, model_stacks
+from .architectures import find_slots, head_names, model_stacks
 from .config import LAYER_CHOICES, ETFConfig
 from .controls import CONTROL_BASES
 from .ffn import unfuse_feed_forwards
-from .injection import apply_etf_layers, parameter_summary
+from .injection import apply_etf_layers, parameter_summary, recorded_modules, recorded_parent
 from .layers import ETFLinear
 from .hub import MODEL_TAGS
 from .modeling_etf import etf_config_class, etf_model_class
@@ -57,6 +57,14 @@ def _recorded_layers(model: PreTrainedModel, config: ETFConfig) -> ETFConfig:
         return dataclasses.replace(config, layers=sorted({s.block for s in slots}))
     return dataclasses.replace(config, layers={stack: sorted({s.block for s in slots if s.stack == stack})
                                                for stack in stacks.containers})
+
+
+def _recorded(model: PreTrainedModel, config: ETFConfig) -> ETFConfig:
+    """`_recorded_layers`, and the modules they select recorded in ``modules`` (what loading rebuilds), once
+    `_check_targets` has found nothing in them that an ETF layer cannot replace."""
+    config = _recorded_layers(model, config)
+    _check_targets(model, config, head=config.head)
+    return dataclasses.replace(config, modules=recorded_modules(model, config))
 
 
 def _placed(model: PreTrainedModel, config: ETFConfig, data: Any, probe_options: dict[str, Any]) -> ETFConfig:
@@ -120,13 +128,14 @@ def resolve(model: PreTrainedModel, config: ETFConfig | None = None, data: Any =
             **probe_options: Any) -> ETFConfig:
     """The config `patch` applies and records: ``config`` + ``model`` (+ ``data``) with every choice made.
 
-    ``layers`` becomes the blocks actually patched (a list, or one list per stack; the default and
-    ``"auto"`` decided as `etf_hf.placement` says, the decision kept in ``placement``) and ``head_basis``
-    is spelled out. `patch`, `lock_blocks`, ``save_pretrained`` and loading all work from this one
-    object, so a checkpoint never depends on data, defaults or how the blocks were named.
+    ``layers`` becomes the blocks actually patched (a list, or one list per stack; the default None and
+    ``"auto"`` decided as `etf_hf.placement` says, the decision kept in ``placement``; with
+    ``target_modules`` outside numbered blocks, ``"all"`` of them), ``head_basis`` is spelled out, and
+    ``modules`` lists the modules replaced. `patch`, `lock_blocks`, ``save_pretrained`` and loading all
+    work from this one object, so a checkpoint never depends on data, defaults or how the blocks were named.
     """
     config = config if config is not None else ETFConfig()
-    return _recorded_layers(model, _with_head_basis(_placed(model, config, data, probe_options)))
+    return _recorded(model, _with_head_basis(_placed(model, config, data, probe_options)))
 
 
 def patch(model: PreTrainedModel, config: ETFConfig | None = None, data: Any = None,
@@ -166,17 +175,16 @@ def patch(model: PreTrainedModel, config: ETFConfig | None = None, data: Any = N
             f"replace fixed frames. Start from the unpatched model to use a different ETF config."
         )
     config = resolve(model, config, data, **probe_options)
-    _check_targets(model, config, head=config.head)
-    slots = apply_etf_layers(model, config)
-    if not slots:
+    if not config.modules:
         raise ValueError(f"ETFConfig {config} selects no projection of {type(model).__name__}")
+    apply_etf_layers(model, config.to_dict())
     _set_config_class(model.config, etf_config_class(type(model.config)))
     model.__class__ = etf_model_class(type(model))
     model.add_model_tags(list(MODEL_TAGS))  # Trainer.create_model_card writes them into its card
     model.config.etf = config.to_dict()
     summary = parameter_summary(model)
     kind = f"{config.basis!r} control weights (not ETFs)" if config.basis in CONTROL_BASES else f"{config.basis} ETFs"
-    ffn = sum(slot.role != "head" for slot in slots)
+    ffn = sum(entry["role"] != "head" for entry in config.modules)
     head = f" and its classifier ({model.config.etf['head_basis']})" if config.head else ""
     logger.info("etf_hf: %d FFN projections of %s%s are now fixed %s; %d of %d weights trainable (%.1f%%)",
                 ffn, type(model).__name__, head, kind, summary["trainable"], summary["total"],
@@ -218,11 +226,11 @@ def materialize(model: PreTrainedModel) -> PreTrainedModel:
     """
     if getattr(model.config, "etf", None) is None:
         raise ValueError(f"{type(model).__name__} is not patched by etf_hf (no config.etf): nothing to materialize")
-    etf = ETFConfig.from_dict(model.config.etf)
-    for slot in [*find_slots(model, etf), *([find_head(model)] if etf.head else [])]:
-        layer = getattr(slot.parent, slot.attribute)
+    for entry in model.config.etf["modules"]:
+        parent, attribute = recorded_parent(model, entry)
+        layer = getattr(parent, attribute)
         if isinstance(layer, ETFLinear):
-            setattr(slot.parent, slot.attribute, _dense_layer(layer, slot.layout))
+            setattr(parent, attribute, _dense_layer(layer, entry["layout"]))
     unfuse_feed_forwards(model)
     del model.config.etf
     model.model_tags = [tag for tag in model.model_tags or () if tag not in MODEL_TAGS] or None
@@ -264,8 +272,7 @@ def lock_blocks(model: PreTrainedModel, blocks: list[int], config: ETFConfig | N
             raise ValueError(f"lock_blocks: {config} differs from the model's config.etf {current} in more than {allowed}")
         if no_ffn_yet:
             current = dataclasses.replace(current, basis=config.basis, projections=config.projections)
-    merged = dataclasses.replace(current, layers=sorted(set(current.layers) | set(blocks)))
-    _check_targets(model, merged, head=False)
-    apply_etf_layers(model, merged)
-    model.config.etf = _recorded_layers(model, _with_head_basis(merged)).to_dict()
+    merged = _recorded(model, _with_head_basis(dataclasses.replace(current, layers=sorted(set(current.layers) | set(blocks)))))
+    apply_etf_layers(model, merged.to_dict())
+    model.config.etf = merged.to_dict()
     return list(model.config.etf["layers"])

@@ -17,7 +17,7 @@ import etf_hf
 from etf_hf import ETFConfig, etf_layers, patch
 from etf_hf.architectures import REGISTRY, architecture_for, find_slots, head_names, peft_targets
 from etf_hf.collapse import resolve_pooling
-from isolated import run_python
+from isolated import run_python_cases
 from tiny_models import (tiny_bart, tiny_bert, tiny_clip, tiny_gpt2, tiny_llama, tiny_qwen2, tiny_roberta, tiny_t5,
                          tiny_vit, tiny_whisper, token_batch)
 
@@ -290,31 +290,47 @@ def test_one_layer_list_for_all_stacks_in_a_checkpoint_is_refused(tmp_path: Path
         transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["t5", "bart", "whisper", "clip", "qwen2"])
-def test_stacked_and_new_families_load_without_etf_hf_through_remote_code(family: str, tmp_path: Path) -> None:
-    if family == "qwen2":
-        model, auto_class, inputs = patch(tiny_qwen2()), "AutoModelForCausalLM", {"input_ids": token_batch()}
-    else:
-        build, auto_class, make_inputs, (first, second) = STACKED[family]
-        model = patch(build(), ETFConfig(layers={first: [0], second: "last:2"}))
-        inputs = {k: v for k, v in make_inputs().items() if k not in ("labels", "return_loss")}
-        if family in ("t5", "whisper"):
-            inputs["decoder_input_ids"] = token_batch(length=4)
-    model.eval().save_pretrained(tmp_path / "ckpt")
-    torch.save(inputs, tmp_path / "inputs.pt")
-    result = run_python(f"""
+REMOTE_FAMILIES = ("t5", "bart", "whisper", "clip", "qwen2")
+
+
+@pytest.fixture(scope="module")
+def loaded_without_etf_hf(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, torch.Tensor]]:
+    """A checkpoint of each of `REMOTE_FAMILIES`, loaded through its remote code in one fresh process
+    without etf_hf (`run_python_cases`): (folder, family -> traceback or "", family -> the logits it must give)."""
+    root = tmp_path_factory.mktemp("remote_families")
+    cases: dict[str, str] = {}
+    expected: dict[str, torch.Tensor] = {}
+    for family in REMOTE_FAMILIES:
+        if family == "qwen2":
+            model, auto_class, inputs = patch(tiny_qwen2()), "AutoModelForCausalLM", {"input_ids": token_batch()}
+        else:
+            build, auto_class, make_inputs, (first, second) = STACKED[family]
+            model = patch(build(), ETFConfig(layers={first: [0], second: "last:2"}))
+            inputs = {k: v for k, v in make_inputs().items() if k not in ("labels", "return_loss")}
+            if family in ("t5", "whisper"):
+                inputs["decoder_input_ids"] = token_batch(length=4)
+        model.eval().save_pretrained(root / family)
+        torch.save(inputs, root / f"{family}.in.pt")
+        cases[family] = f"""
 import torch, transformers
-model = transformers.{auto_class}.from_pretrained({str(tmp_path / 'ckpt')!r}, trust_remote_code=True).eval()
+model = transformers.{auto_class}.from_pretrained({str(root / family)!r}, trust_remote_code=True).eval()
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 with torch.no_grad():
-    output = model(**torch.load({str(tmp_path / 'inputs.pt')!r}))
+    output = model(**torch.load({str(root / f'{family}.in.pt')!r}))
     torch.save(output.logits if hasattr(output, "logits") else output.logits_per_image,
-               {str(tmp_path / 'out.pt')!r})
-""", without_etf_hf=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "out.pt"), _logits(model(**inputs)))
+               {str(root / f'{family}.out.pt')!r})
+"""
+        with torch.no_grad():
+            expected[family] = _logits(model(**inputs))
+    return root, run_python_cases(cases, without_etf_hf=True), expected
+
+
+@pytest.mark.slow  # a fresh Python process, shared by the families
+@pytest.mark.parametrize("family", REMOTE_FAMILIES)
+def test_stacked_and_new_families_load_without_etf_hf_through_remote_code(family: str, loaded_without_etf_hf) -> None:
+    root, errors, expected = loaded_without_etf_hf
+    assert errors[family] == "", errors[family][-3000:]
+    assert torch.equal(torch.load(root / f"{family}.out.pt"), expected[family])
 
 
 #: Compact checkpoints (frames left out, regenerated from their seeds on load) written by etf_hf at commit

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from etf_hf import ETFConfig, patch
+from etf_hf import ETFConfig, patch, resolve
 from etf_hf.app import treatments
 from etf_hf.app.bench import (Settings, _child_command, _densify_structured, add_ratios, apply_mode, build_parser,
                               lora_available, main, markdown, run_benchmark, saved_activation_bytes, treatment)
@@ -266,7 +266,8 @@ def test_bias_only_conv1d_layout_no_bias_and_autocast():
 
 
 def test_bounds_and_frozen_hit_exactly_the_etf_slots():
-    names = [slot.name for slot in find_slots(tiny_gpt2(), ETFConfig())]
+    gpt2 = tiny_gpt2()
+    names = [slot.name for slot in find_slots(gpt2, resolve(gpt2, ETFConfig()))]
     assert len(names) == 4
     model = tiny_gpt2()
     replace_ffn(model, "ffn-free")

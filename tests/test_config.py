@@ -84,13 +84,19 @@ def test_newer_format_names_both_versions() -> None:
         ETFConfig.from_dict(data)
 
 
-def test_version_2_and_3_fields_round_trip_and_placement_is_only_a_record() -> None:
+MODULE = {"path": "h.0.mlp.c_fc", "root": "base_model", "role": "up", "layout": "conv1d", "seed_key": "0:up:c_fc"}
+
+
+def test_version_2_to_4_fields_round_trip_and_placement_and_modules_are_only_records() -> None:
     config = ETFConfig(layers=[], head=True, head_basis="canonical", recompute=False,
-                       placement={"rule": "auto", "ncc": [0.5, 0.95]})
+                       placement={"rule": "auto", "ncc": [0.5, 0.95]}, modules=[MODULE])
     data = json.loads(json.dumps(config.to_dict()))
-    assert data["format_version"] == FORMAT_VERSION == 3 and data["recompute"] is False
+    assert data["format_version"] == FORMAT_VERSION == 4 and data["recompute"] is False
+    assert data["modules"] == [MODULE]
     assert ETFConfig.from_dict(data) == config and ETFConfig.from_dict(data).placement == config.placement
+    assert ETFConfig.from_dict(data).modules == [MODULE]
     assert ETFConfig(layers=[1], placement={"rule": "x"}) == ETFConfig(layers=[1])  # a record, not a setting
+    assert ETFConfig(layers=[1], modules=[MODULE]) == ETFConfig(layers=[1])
     assert ETFConfig().layers is None and ETFConfig(layers="auto").layers == "auto"
 
 
@@ -100,9 +106,33 @@ def version_1_dict() -> dict:
             "trainable_gain": True, "target_modules": None, "storage": "compact", "format_version": 1}
 
 
+@pytest.mark.parametrize("modules", [{"path": "x"}, [{**MODULE, "seed_key": 3}], [{**MODULE, "extra": "1"}], "h.0"])
+def test_a_malformed_modules_record_is_refused(modules) -> None:
+    with pytest.raises(ValueError, match=r"ETFConfig.modules must be a list of \{path, root, role, layout, seed_key\}"):
+        ETFConfig(layers=[0], modules=modules)
+
+
+def test_version_3_config_loads_without_modules_and_refuses_them() -> None:
+    """Format 4 added ``modules``; a version-3 config.etf lacks it (loading computes it from the model)."""
+    data = {k: v for k, v in ETFConfig(layers=[0]).to_dict().items() if k != "modules"}
+    config = ETFConfig.from_dict({**data, "format_version": 3})
+    assert config.modules is None and config.format_version == 4 and config == ETFConfig(layers=[0])
+    with pytest.raises(ValueError, match=r"format_version 3\) has unknown field\(s\) \['modules'\]"):
+        ETFConfig.from_dict({**data, "format_version": 3, "modules": [MODULE]})
+
+
+def test_an_older_layers_none_with_target_modules_is_read_as_all() -> None:
+    """Releases before format 2 recorded layers=None when target_modules matched modules outside numbered
+    blocks (all of them); None now means only "let etf_hf.resolve choose", so it is read as "all"."""
+    config = ETFConfig.from_dict({**version_1_dict(), "layers": None, "target_modules": ["score"]})
+    assert config.layers == "all"
+    assert ETFConfig.from_dict({**version_1_dict(), "layers": None}).layers is None  # a request's default, not a record
+
+
 def test_version_2_config_loads_with_recompute_defaulted() -> None:
     """Format 3 added ``recompute``; a version-2 config.etf (written before the fused FFN) lacks it."""
-    data = {k: v for k, v in ETFConfig(layers=[0], basis="structured").to_dict().items() if k != "recompute"}
+    data = {k: v for k, v in ETFConfig(layers=[0], basis="structured").to_dict().items()
+            if k not in ("recompute", "modules")}
     config = ETFConfig.from_dict({**data, "format_version": 2})
     assert config.recompute is None and config == ETFConfig(layers=[0], basis="structured")
     with pytest.raises(ValueError, match=r"format_version 2\) has unknown field\(s\) \['recompute'\]"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -19,10 +20,10 @@ from transformers import (AutoModelForCausalLM, AutoModelForImageClassification,
 
 import etf_hf
 from etf_hf import ETFConfig, etf_layers, materialize, patch
-from etf_hf.hub import _FOOTER_MARKER, REMOTE_CODE_FILE
+from etf_hf.hub import _FOOTER_MARKER, REMOTE_CODE_FILE, remote_code_source
 from intercepted_hub import intercept_hub
-from isolated import run_python
-from tiny_models import tiny_bert, tiny_gpt2, tiny_vit, token_batch
+from isolated import run_python, run_python_cases
+from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_vit, token_batch
 
 
 def tiny_mlp() -> etf_hf.MLPForImageClassification:
@@ -83,6 +84,9 @@ REMOTE_CASES = {
     # the paper's MLP: its vanilla classes live in etf_hf.models, so the remote code must inline them
     "mlp-nearest": (lambda: patch(tiny_mlp(), ETFConfig(basis="nearest", layers="last:2")),
                     "AutoModelForImageClassification", lambda: {"pixel_values": torch.randn(4, 1, 28, 28)}),
+    # a gated MLP on the fused path, and the structured basis's code, which only its checkpoints carry
+    "llama-structured": (lambda: patch(tiny_llama(), ETFConfig(basis="structured")), "AutoModelForCausalLM",
+                         lambda: {"input_ids": token_batch()}),
 }
 
 
@@ -98,36 +102,118 @@ def test_remote_code_rebuilds_the_model_and_imports_nothing_from_etf_hf(case: st
     source = (tmp_path / REMOTE_CODE_FILE).read_text()
     imports = [node for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.Import, ast.ImportFrom))]
     assert imports and not [ast.unparse(node) for node in imports if "etf_hf" in ast.unparse(node)]
-    spec = importlib.util.spec_from_file_location(f"remote_code_{case.replace('-', '_')}", tmp_path / REMOTE_CODE_FILE)
-    remote = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, remote)  # dataclasses look their module up there
-    spec.loader.exec_module(remote)
+    remote = _remote_module(tmp_path, f"remote_code_{case.replace('-', '_')}", monkeypatch)
     loaded = getattr(remote, type(model).__name__).from_pretrained(tmp_path)
     assert type(loaded).__module__ == remote.__name__
     assert torch.equal(logits(loaded, **inputs), logits(model, **inputs))
     assert type(transformers.AutoConfig.from_pretrained(tmp_path)).__module__.startswith("etf_hf")  # left as it was
 
 
-@pytest.mark.slow  # a fresh Python process
-@pytest.mark.parametrize("case", sorted(REMOTE_CASES))
-def test_loads_without_etf_hf_through_remote_code(case: str, tmp_path: Path) -> None:
-    build, auto_class, make_inputs = REMOTE_CASES[case]
-    model = build()
-    inputs = make_inputs()
-    model.save_pretrained(tmp_path / "ckpt")
-    assert (tmp_path / "ckpt" / REMOTE_CODE_FILE).exists()
-    torch.save(inputs, tmp_path / "inputs.pt")
+def _top_level_names(source: str) -> set[str]:
+    return {node.name for node in ast.parse(source).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+def test_remote_code_holds_only_what_loading_needs() -> None:
+    """Loading rebuilds the layers from the record in config.etf (``modules``): the architecture registry,
+    ETFConfig's validation, patching and Auto-class registration stay out, and so does the code of the
+    features a checkpoint's config does not use (structured frames, controls, a fixed head)."""
+    plain = remote_code_source(patch(tiny_gpt2()))
+    names = _top_level_names(plain)
+    assert {"ETFModelBase", "ETFLinear", "apply_etf_layers", "fuse_feed_forwards", "simplex_etf"} <= names
+    assert not names & {"ETFConfig", "Architecture", "find_slots", "find_head", "resolve_layers", "record_stacks",
+                        "ETFModelMixin", "etf_model_class", "etf_config_class", "register_auto_models",
+                        "recorded_modules", "structured_plan", "control_frame", "ETFClassifier"}
+    assert "REGISTRY =" not in plain and "structured_plan = _LeftOut('structured_plan')" in plain
+    full = remote_code_source(patch(tiny_bert(), ETFConfig(basis="structured", head=True, head_basis="gaussian")))
+    assert {"structured_plan", "_StructuredFrameLinear", "control_frame", "ETFClassifier"} <= _top_level_names(full)
+    assert "_LeftOut" not in full
+
+
+def _remote_module(folder: Path, name: str, monkeypatch):
+    """The remote-code file of ``folder`` imported in this process as a module of its own."""
+    spec = importlib.util.spec_from_file_location(name, folder / REMOTE_CODE_FILE)
+    remote = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, remote)  # dataclasses look their module up there
+    spec.loader.exec_module(remote)
+    return remote
+
+
+def test_remote_code_refuses_what_it_does_not_carry(tmp_path: Path, monkeypatch) -> None:
+    """A left-out name fails with its reason if anything calls it, and a config.etf of another format
+    (without the modules record) is sent to etf_hf, which reads every format."""
+    patch(tiny_gpt2()).save_pretrained(tmp_path)
+    remote = _remote_module(tmp_path, "remote_code_refusals", monkeypatch)
+    with pytest.raises(RuntimeError, match="structured_plan is not in this checkpoint's remote code.*etf_hf"):
+        remote.structured_plan(4, 8)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["etf"]["modules"]
+    config["etf"]["format_version"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"format_version 3 without the modules record .*etf_hf installed"):
+        remote.ETFGPT2LMHeadModel.from_pretrained(tmp_path)
+
+
+def _load_and_save_logits(auto_class: str, folder: Path, inputs: Path, out: Path, *, again: Path | None = None,
+                          module: str = "transformers_modules") -> str:
+    """Code that loads ``folder`` (a class from ``module``: its remote code), optionally saves it to ``again``
+    with transformers' own save_pretrained and loads that, and saves its logits on ``inputs`` to ``out``."""
     code = f"""
 import torch, transformers
-from transformers import {auto_class}
-model = {auto_class}.from_pretrained({str(tmp_path / 'ckpt')!r}, trust_remote_code=True).eval()
-assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-with torch.no_grad():
-    torch.save(model(**torch.load({str(tmp_path / 'inputs.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
+model = transformers.{auto_class}.from_pretrained({str(folder)!r}, trust_remote_code=True)
+assert type(model).__module__.startswith({module!r}), type(model).__module__
 """
-    result = run_python(code, without_etf_hf=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.equal(torch.load(tmp_path / "out.pt"), logits(model, **inputs))
+    if again is not None:
+        code += f"""model.save_pretrained({str(again)!r})
+model = transformers.{auto_class}.from_pretrained({str(again)!r}, trust_remote_code=True)
+"""
+    return code + f"""with torch.no_grad():
+    torch.save(model.eval()(**torch.load({str(inputs)!r})).logits, {str(out)!r})
+"""
+
+
+@pytest.fixture(scope="module")
+def without_etf_hf(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, torch.Tensor]]:
+    """Every checkpoint of this file that must load where etf_hf cannot be imported, loaded in one fresh
+    process (`run_python_cases`): (folder, name -> traceback or "", name -> the logits it must give)."""
+    root = tmp_path_factory.mktemp("without_etf_hf")
+    cases: dict[str, str] = {}
+    expected: dict[str, torch.Tensor] = {}
+    for case, (build, auto_class, make_inputs) in REMOTE_CASES.items():
+        model, inputs = build(), make_inputs()
+        model.save_pretrained(root / case)
+        torch.save(inputs, root / f"{case}.in.pt")
+        cases[case] = _load_and_save_logits(auto_class, root / case, root / f"{case}.in.pt", root / f"{case}.out.pt")
+        expected[case] = logits(model, **inputs)
+    # materialized: a plain GPT-2 checkpoint, no remote code
+    vanilla, x, _ = _materialized()
+    vanilla.save_pretrained(root / "materialized")
+    torch.save({"input_ids": x}, root / "materialized.in.pt")
+    cases["materialized"] = _load_and_save_logits("AutoModelForCausalLM", root / "materialized",
+                                                  root / "materialized.in.pt", root / "materialized.out.pt",
+                                                  module="transformers.models.gpt2")
+    expected["materialized"] = logits(vanilla, input_ids=x)
+    # the paper's MLP, loaded through remote code and saved again by transformers alone
+    model, inputs = patch(tiny_mlp(), ETFConfig(basis="orthogonal")), {"pixel_values": torch.randn(4, 784)}
+    model.save_pretrained(root / "mlp-first")
+    torch.save(inputs, root / "mlp-again.in.pt")
+    cases["mlp-again"] = _load_and_save_logits("AutoModelForImageClassification", root / "mlp-first",
+                                               root / "mlp-again.in.pt", root / "mlp-again.out.pt",
+                                               again=root / "mlp-second")
+    expected["mlp-again"] = logits(model, **inputs)
+    return root, run_python_cases(cases, without_etf_hf=True), expected
+
+
+def _check_case(without_etf_hf, case: str) -> Path:
+    root, errors, expected = without_etf_hf
+    assert errors[case] == "", errors[case][-3000:]
+    assert torch.equal(torch.load(root / f"{case}.out.pt"), expected[case])
+    return root
+
+
+@pytest.mark.slow  # a fresh Python process (one for every case of this file)
+@pytest.mark.parametrize("case", sorted(REMOTE_CASES))
+def test_loads_without_etf_hf_through_remote_code(case: str, without_etf_hf) -> None:
+    _check_case(without_etf_hf, case)
 
 
 def _materialized() -> tuple[GPT2LMHeadModel, torch.Tensor, torch.Tensor]:
@@ -150,21 +236,10 @@ def test_materialize_returns_the_vanilla_model_with_identical_outputs() -> None:
     assert all(p.requires_grad for p in vanilla.parameters())
 
 
-@pytest.mark.slow  # a fresh Python process
-def test_materialized_checkpoint_loads_without_etf_hf(tmp_path: Path) -> None:
-    vanilla, x, _ = _materialized()
-    vanilla.save_pretrained(tmp_path)
-    assert not (tmp_path / REMOTE_CODE_FILE).exists()
-    torch.save(x, tmp_path / "x.pt")
-    result = run_python(f"""
-import torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}).eval()
-with torch.no_grad():
-    torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
-""", without_etf_hf=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.equal(torch.load(tmp_path / "out.pt"), logits(vanilla, input_ids=x))
+@pytest.mark.slow  # a fresh Python process (shared, see `without_etf_hf`)
+def test_materialized_checkpoint_loads_without_etf_hf(without_etf_hf) -> None:
+    root = _check_case(without_etf_hf, "materialized")
+    assert not (root / "materialized" / REMOTE_CODE_FILE).exists()
 
 
 def test_materialize_needs_a_patched_model() -> None:
@@ -407,25 +482,11 @@ def test_bf16_round_trip_keeps_the_frame_up_to_bf16_rounding(basis: str, tmp_pat
         assert torch.equal(layer.frame_norm, gains[name].to(torch.bfloat16)), name
 
 
-@pytest.mark.slow  # a fresh Python process
-def test_mlp_checkpoint_saved_again_without_etf_hf_stays_self_contained(tmp_path: Path) -> None:
-    """A model loaded through remote code regenerates the file from itself: the MLP classes it defines
-    are neither imported from etf_hf nor inlined twice."""
-    model = patch(tiny_mlp(), ETFConfig(basis="orthogonal"))
-    inputs = torch.randn(4, 784)
-    model.save_pretrained(tmp_path / "first")
-    torch.save(inputs, tmp_path / "inputs.pt")
-    result = run_python(f"""
-import torch
-from transformers import AutoModelForImageClassification as Auto
-first = Auto.from_pretrained({str(tmp_path / 'first')!r}, trust_remote_code=True)
-first.save_pretrained({str(tmp_path / 'second')!r})
-second = Auto.from_pretrained({str(tmp_path / 'second')!r}, trust_remote_code=True).eval()
-with torch.no_grad():
-    torch.save(second(pixel_values=torch.load({str(tmp_path / 'inputs.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
-""", without_etf_hf=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    first, second = ((tmp_path / name / REMOTE_CODE_FILE).read_text() for name in ("first", "second"))
+@pytest.mark.slow  # a fresh Python process (shared, see `without_etf_hf`)
+def test_mlp_checkpoint_saved_again_without_etf_hf_stays_self_contained(without_etf_hf) -> None:
+    """A model loaded through remote code is saved by transformers alone, which copies the file: the MLP
+    classes it defines are neither imported from etf_hf nor inlined twice."""
+    root = _check_case(without_etf_hf, "mlp-again")
+    first, second = ((root / name / REMOTE_CODE_FILE).read_text() for name in ("mlp-first", "mlp-second"))
     assert second == first and second.count("class MLPForImageClassification(") == 1
     assert "etf_hf" not in second.rpartition(_FOOTER_MARKER)[2]  # the footer imports nothing from etf_hf
-    assert torch.equal(torch.load(tmp_path / "out.pt"), logits(model, pixel_values=inputs))

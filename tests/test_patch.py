@@ -27,7 +27,8 @@ def test_registry_patches_exactly_the_ffn_projections(model_type: str) -> None:
     expected = {p.format(i=i) for p in FFN_PATHS[model_type] for i in range(2)}
     assert {name for name, _ in etf_layers(model)} == expected
     assert model.config.model_type == f"etf_{model_type}"
-    assert type(model).__name__ == "ETF" + type(model).__mro__[2].__name__
+    assert type(model).__name__ == "ETF" + model.etf_vanilla_class.__name__
+    assert model.etf_vanilla_class in type(model).__mro__
 
 
 def test_attention_projections_sharing_ffn_names_are_untouched() -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..architectures import Slot, find_slots
 from ..config import ETFConfig
+from ..patch import resolve
 
 ACTIVATION_ONLY, FFN_FREE = "ffn-activation-only", "ffn-free"
 BOUNDS = (ACTIVATION_ONLY, FFN_FREE)
@@ -113,8 +114,9 @@ def _weight_shape(layer: nn.Module, layout: str) -> tuple[int, int]:
 
 
 def ffn_slots(model: nn.Module) -> list[Slot]:
-    """The FFN projections every mode treats: those `etf_hf.patch` replaces under the default `ETFConfig`."""
-    return find_slots(model, ETFConfig())
+    """The FFN projections every mode treats: those `etf_hf.patch` replaces under the default `ETFConfig`
+    (resolved for this model, as `patch` resolves it)."""
+    return find_slots(model, resolve(model, ETFConfig()))
 
 
 def replace_ffn(model: nn.Module, mode: str) -> list[Slot]:

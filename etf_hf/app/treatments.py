@@ -243,6 +243,7 @@ def check_modes_fit_model(modes: list[ModeSpec], skeleton: Callable[[ModeSpec], 
     it, and LoRA gets a fresh one, since peft rewrites the model it wraps."""
     from ..architectures import find_slots
     from ..config import ETFConfig
+    from ..patch import resolve
 
     built: dict[str, torch.nn.Module] = {}
 
@@ -265,7 +266,7 @@ def check_modes_fit_model(modes: list[ModeSpec], skeleton: Callable[[ModeSpec], 
             continue
         model = shared(mode)
         try:
-            slots = find_slots(model, config)
+            slots = find_slots(model, resolve(model, config))
         except ValueError as error:
             raise ConfigError(f"modes[{i}].{mode.kind}: {error}") from None
         if not slots:
@@ -290,7 +291,7 @@ def apply_mode(model: torch.nn.Module, mode: ModeSpec, **placement: Any) -> torc
     """
     from ..architectures import find_slots
     from ..config import ETFConfig
-    from ..patch import patch
+    from ..patch import patch, resolve
 
     if mode.etf is not None:
         try:
@@ -298,7 +299,7 @@ def apply_mode(model: torch.nn.Module, mode: ModeSpec, **placement: Any) -> torc
         except ValueError as error:  # e.g. a pretrained checkpoint already patched differently
             raise ConfigError(f"mode {mode.name!r}: etf_hf.patch refused its etf settings: {error}") from None
     elif mode.frozen is not None:
-        for slot in find_slots(model, ETFConfig(**mode.frozen)):
+        for slot in find_slots(model, resolve(model, ETFConfig(**mode.frozen))):  # the blocks patch would fix
             getattr(slot.parent, slot.attribute).weight.requires_grad_(False)
     elif mode.lora is not None:
         return _lora_model(model, mode.lora, f"mode {mode.name!r}: lora")
