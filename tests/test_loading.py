@@ -12,6 +12,7 @@ from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForImageClas
                           AutoModelForSequenceClassification)
 
 from etf_hf import FORMAT_VERSION, ETFConfig, etf_layers, patch
+from etf_hf.injection import apply_etf_layers
 from isolated import run_python
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_vit, token_batch
 
@@ -170,6 +171,7 @@ def test_version_1_checkpoint_still_loads(tmp_path: Path) -> None:
     inputs = {"input_ids": token_batch(120)}
     assert ETFConfig.from_dict(loaded.config.etf) == ETFConfig.from_dict(model.config.etf)
     assert loaded.config.etf["format_version"] == FORMAT_VERSION and not loaded.config.etf["head"]
+    assert loaded.config.etf["modules"] == model.config.etf["modules"]  # recomputed from the model, as patch records it
     assert torch.equal(outputs(loaded, inputs), outputs(model, inputs))
 
 
@@ -209,3 +211,37 @@ def test_etf_classes_pickle_by_name_even_before_first_use() -> None:
     assert AutoModelForTokenClassification._model_mapping[config_class] is model_class
     with pytest.raises(AttributeError):
         etf_hf.modeling_etf.ETFNoSuchModel
+
+
+def test_config_etf_records_the_modules_loading_rebuilds() -> None:
+    """FFN paths below the base model (every head class of the family finds them), the head's below the model."""
+    model = patch(tiny_bert(), ETFConfig(layers=[1], head=True))
+    modules = model.config.etf["modules"]
+    assert modules == [
+        {"path": "encoder.layer.1.intermediate.dense", "root": "base_model", "role": "up", "layout": "linear",
+         "seed_key": "1:up:dense"},
+        {"path": "encoder.layer.1.output.dense", "root": "base_model", "role": "down", "layout": "linear",
+         "seed_key": "1:down:dense"},
+        {"path": "classifier", "root": "model", "role": "head", "layout": "linear", "seed_key": "head"}]
+    paths = {f"bert.{entry['path']}" if entry["root"] == "base_model" else entry["path"] for entry in modules}
+    assert paths == {name for name, _ in etf_layers(model)}
+    assert patch(tiny_gpt2()).config.etf["modules"][0] == {
+        "path": "h.0.mlp.c_fc", "root": "base_model", "role": "up", "layout": "conv1d", "seed_key": "0:up:c_fc"}
+
+
+def test_a_modules_record_that_layers_do_not_select_is_refused(tmp_path: Path) -> None:
+    patch(tiny_gpt2(), ETFConfig(layers=[1])).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["etf"]["modules"][0]["path"] = "h.0.mlp.c_fc"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"records modules that its layers=\[1\] do not select in ETFGPT2LMHeadModel "
+                                         r"\(first difference: recorded \{.*'path': 'h.0.mlp.c_fc'.*selected \{'path': 'h.1.mlp.c_fc'"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_recorded_module_the_model_lacks_is_named() -> None:
+    record = dict(patch(tiny_gpt2()).config.etf)
+    record["modules"] = [{**record["modules"][0], "path": "h.7.mlp.c_fc"}]
+    with pytest.raises(ValueError, match=r"records the module 'h.7.mlp.c_fc' \(in the base model\), which "
+                                         r"GPT2LMHeadModel does not have"):
+        apply_etf_layers(tiny_gpt2(), record)

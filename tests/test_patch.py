@@ -9,7 +9,8 @@ from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertMod
 
 import etf_hf
 from etf_hf import ETFConfig, ETFLinear, etf_layers, lock_blocks, parameter_summary, patch
-from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_roberta, tiny_vit, token_batch
+from etf_hf.architectures import find_slots
+from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_roberta, tiny_t5, tiny_vit, token_batch
 
 FFN_PATHS = {
     "gpt2": {"transformer.h.{i}.mlp.c_fc", "transformer.h.{i}.mlp.c_proj"},
@@ -197,3 +198,20 @@ def test_etf_hf_patch_stays_the_function_when_the_submodule_is_bound() -> None:
     assert etf_hf.patch is module.patch and callable(etf_hf.patch)
     assert set(etf_hf.__all__) <= set(dir(etf_hf))
     assert all(getattr(etf_hf, name) is not None for name in etf_hf.__all__)
+
+
+def test_layers_none_means_let_resolve_choose_and_nothing_else() -> None:
+    """None (the default) is decided by etf_hf.resolve for the model at hand; the block selectors refuse it
+    instead of reading it as "all", and every resolved config (config.etf) holds explicit blocks."""
+    from_config = tiny_gpt2(layers=4)
+    for request in (ETFConfig(), ETFConfig(layers="auto")):
+        with pytest.raises(ValueError, match=r"etf_hf\.resolve|etf_hf\.patch\(model, config, data="):
+            find_slots(from_config, request)
+    assert etf_hf.resolve(from_config, ETFConfig()).layers == [0, 1, 2, 3]  # built from a config: every block
+    pretrained = tiny_gpt2(layers=4)
+    pretrained.config._name_or_path = "some/checkpoint"  # what from_pretrained records
+    assert etf_hf.resolve(pretrained, ETFConfig()).layers == [2, 3]  # pretrained, no data: the second half
+    assert patch(pretrained).config.etf["layers"] == [2, 3]
+    outside_blocks = etf_hf.resolve(tiny_gpt2(), ETFConfig(target_modules=["lm_head"]))
+    assert outside_blocks.layers == "all" and [m["path"] for m in outside_blocks.modules] == ["lm_head"]
+    assert etf_hf.resolve(tiny_t5(), ETFConfig()).layers == {"encoder": [0, 1], "decoder": [0, 1, 2]}
