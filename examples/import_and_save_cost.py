@@ -7,7 +7,7 @@ Run on an idle machine (numbers are medians of --repeats runs, interleaved):
 
 Goals (issue 18): ``import etf_hf`` (and then the library ready to patch) at most 1.15x of importing
 transformers with the GPT-2, BERT and ViT model classes; ``etf-hf --help`` at most 2 s; the remote-code
-file at most 40 KB for GPT-2; an ETF save of a GPT-2-small config no slower than the vanilla save and
+file at most 40 KB for GPT-2 (printed first, per family; sizes, not times, so any load will do); an ETF save of a GPT-2-small config no slower than the vanilla save and
 at most 0.1 s of fixed overhead on a 2-layer model.
 """
 from __future__ import annotations
@@ -105,12 +105,41 @@ def save_times(repeats: int, quick: bool) -> dict[str, object]:
     return result
 
 
+def remote_code_sizes() -> dict[str, dict[str, int]]:
+    """Bytes of the generated ``modeling_etf_hf.py`` per family: with the default config (orthogonal frames),
+    and with the structured basis (whose code only its checkpoints carry). The file does not depend on the
+    model's size, so tiny configs stand for every size."""
+    from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM, T5Config, T5ForConditionalGeneration, ViTConfig,
+                              ViTForImageClassification)
+
+    import etf_hf
+    from etf_hf.hub import remote_code_source
+
+    text = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+    families = {
+        "GPT-2": lambda: GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)),
+        "BERT": lambda: BertForSequenceClassification(BertConfig(vocab_size=64, **text)),
+        "ViT": lambda: ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, **text)),
+        "Llama": lambda: LlamaForCausalLM(LlamaConfig(vocab_size=64, **text)),
+        "T5": lambda: T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                                                          num_heads=2)),
+    }
+    configs = {"default (orthogonal)": etf_hf.ETFConfig(), "structured": etf_hf.ETFConfig(basis="structured")}
+    return {family: {name: len(remote_code_source(etf_hf.patch(build(), config)).encode())
+                     for name, config in configs.items()} for family, build in families.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 repeat, a tiny model instead of GPT-2 small")
     options = parser.parse_args()
     repeats = 1 if options.quick else options.repeats
+    sizes = remote_code_sizes()
+    print("| remote code (modeling_etf_hf.py) | " + " | ".join(next(iter(sizes.values()))) + " |\n|---|---|---|")
+    for family, row in sizes.items():
+        print(f"| {family} | " + " | ".join(f"{size / 1000:.1f} KB" for size in row.values()) + " |")
     imports = import_times(repeats)
     base = imports["transformers + GPT-2/BERT/ViT classes"]
     print(f"load average {os.getloadavg()[0]:.2f}; medians of {repeats}")
