@@ -111,22 +111,3 @@ def test_unknown_basis_error_lists_the_controls() -> None:
         control_frame(4, 8, "frozen", weight=torch.zeros(8, 4))
     with pytest.raises(ValueError, match="pass weight"):
         control_frame(4, 8, "frozen")
-
-
-@pytest.mark.slow  # a fresh Python process
-def test_a_gaussian_control_checkpoint_loads_without_etf_hf(tmp_path: Path) -> None:
-    """The generated remote code carries the control math too, so a control checkpoint is self-contained."""
-    model = patch(tiny_vit(), ETFConfig(basis="gaussian")).eval()
-    pixels = torch.randn(2, 1, 28, 28)
-    model.save_pretrained(tmp_path / "ckpt")
-    torch.save(pixels, tmp_path / "pixels.pt")
-    code = f"""
-import torch
-from transformers import AutoModelForImageClassification
-model = AutoModelForImageClassification.from_pretrained({str(tmp_path / 'ckpt')!r}, trust_remote_code=True).eval()
-with torch.no_grad():
-    torch.save(model(pixel_values=torch.load({str(tmp_path / 'pixels.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
-"""
-    result = run_python(code, without_etf_hf=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.equal(torch.load(tmp_path / "out.pt"), logits(model, {"pixel_values": pixels}))

@@ -16,7 +16,6 @@ from adaptive_ddp_worker import SeparableImages, tiny_mlp
 from etf_hf import (AdaptiveETFCallback, CollapseMLPConfig, DotRegressionLoss, ETFClassifier, ETFConfig,
                     MLPForImageClassification, dot_regression_loss, etf_layers, lock_blocks, materialize,
                     parameter_summary, patch)
-from isolated import run_python
 from tiny_models import tiny_bert, tiny_gpt2, tiny_roberta, tiny_vit, token_batch
 
 
@@ -142,24 +141,6 @@ def test_save_and_load_rebuild_the_head_bit_identically(family: str, basis: str,
     assert type(loaded) is type(model) and loaded.config.etf == model.config.etf
     assert torch.equal(loaded.get_submodule(path).frame, model.get_submodule(path).frame)
     assert torch.equal(logits(loaded, inputs), logits(model, inputs))
-
-
-@pytest.mark.slow  # a fresh Python process
-def test_remote_code_rebuilds_the_head_without_etf_hf(tmp_path: Path) -> None:
-    model = patch(tiny_bert(num_labels=33), ETFConfig(head=True, layers=[])).eval()
-    inputs = {"input_ids": token_batch(120)}
-    model.save_pretrained(tmp_path / "ckpt")
-    torch.save(inputs, tmp_path / "inputs.pt")
-    code = f"""
-import torch
-from transformers import AutoModelForSequenceClassification as Auto
-model = Auto.from_pretrained({str(tmp_path / 'ckpt')!r}, trust_remote_code=True).eval()
-with torch.no_grad():
-    torch.save(model(**torch.load({str(tmp_path / 'inputs.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
-"""
-    result = run_python(code, without_etf_hf=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.equal(torch.load(tmp_path / "out.pt"), logits(model, inputs))
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "roberta"])
