@@ -145,7 +145,7 @@ def test_full_state_dict_saved_from_rank_0_reloads_to_identical_logits(ranks, ca
     class_name = {"gpt2": "ETFGPT2LMHeadModel", "llama": "ETFLlamaForCausalLM"}[case.split(":")[0]]
     assert config["architectures"] == [class_name]
     assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling_etf_hf.{class_name}"
-    assert f"\n{class_name} = etf_model_class(" in (folder / "modeling_etf_hf.py").read_text()
+    assert f"\nclass {class_name}(ETFModelBase, " in (folder / "modeling_etf_hf.py").read_text()
 
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
     frames = {name for name, _ in frame_buffers(fsdp_worker.build_model(*case.split(":")), named=True)}

@@ -57,7 +57,7 @@ def test_mlp_reproduction_puts_controls_next_to_the_etf_with_paired_intervals(tm
     assert rows["etf_last_3"][6] == "–" and "Test set: 256 images" in table
 
 
-def test_mlp_table_refuses_runs_with_different_settings(tmp_path: Path) -> None:
+def test_mlp_table_refuses_runs_with_different_settings(tmp_path: Path, capsys) -> None:
     if reproduce_mlp.debian_files() is None and not SHARED_FMNIST.exists():
         pytest.skip("no Fashion-MNIST (apt install dataset-fashion-mnist, or ../shared/data)")
     script = str(REPO / "examples" / "reproduce_mlp.py")
@@ -66,16 +66,16 @@ def test_mlp_table_refuses_runs_with_different_settings(tmp_path: Path) -> None:
     run_script(script, "--set", *tiny, "--modes", "baseline", "--output-dir", str(tmp_path / "a"))
     run_script(script, "--set", *tiny, "training.learning_rate=0.1", "--modes", "etf_last_3",
                "--output-dir", str(tmp_path / "b"))
-    result = subprocess.run([sys.executable, script, "--table", str(tmp_path / "a"), str(tmp_path / "b")],
-                            capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert result.returncode != 0 and "differ in data, model or training" in result.stderr
+    # the merged table in this process (what `--table` calls; the test above runs the command itself)
+    with pytest.raises(SystemExit, match="differ in data, model or training"):
+        reproduce_mlp.print_merged_table([tmp_path / "a", tmp_path / "b"], reproduce_mlp.DEFAULT_CONFIG)
     # more seeds may come from another invocation, but one seed of a mode only once
     run_script(script, "--set", *tiny[:1], "seeds=[1]", *tiny[2:], "--modes", "baseline", "--output-dir", str(tmp_path / "c"))
-    table = run_script(script, "--table", str(tmp_path / "a"), str(tmp_path / "c"))
+    reproduce_mlp.print_merged_table([tmp_path / "a", tmp_path / "c"], reproduce_mlp.DEFAULT_CONFIG)
+    table = capsys.readouterr().out
     assert len(table_rows(table, key_column=1)["baseline"][4].split(", ")) == 2  # seeds 0 and 1 in one row
-    twice = subprocess.run([sys.executable, script, "--table", str(tmp_path / "a"), str(tmp_path / "a")],
-                           capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert twice.returncode != 0 and "two results for a seed" in twice.stderr
+    with pytest.raises(SystemExit, match="two results for a seed"):
+        reproduce_mlp.print_merged_table([tmp_path / "a", tmp_path / "a"], reproduce_mlp.DEFAULT_CONFIG)
 
 
 def test_vit_table_labels_controls_and_adds_rows_to_earlier_results(tmp_path: Path) -> None:
