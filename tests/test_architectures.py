@@ -17,7 +17,7 @@ import etf_hf
 from etf_hf import ETFConfig, etf_layers, patch
 from etf_hf.architectures import REGISTRY, architecture_for, find_slots, head_names, peft_targets
 from etf_hf.collapse import resolve_pooling
-from isolated import run_python_cases
+from isolated import Case, run_python_cases
 from tiny_models import (tiny_bart, tiny_bert, tiny_clip, tiny_gpt2, tiny_llama, tiny_qwen2, tiny_roberta, tiny_t5,
                          tiny_vit, tiny_whisper, token_batch)
 
@@ -294,9 +294,9 @@ REMOTE_FAMILIES = ("t5", "bart", "whisper", "clip", "qwen2")
 
 
 @pytest.fixture(scope="module")
-def loaded_without_etf_hf(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, torch.Tensor]]:
+def loaded_without_etf_hf(tmp_path_factory) -> tuple[Path, dict[str, Case], dict[str, torch.Tensor]]:
     """A checkpoint of each of `REMOTE_FAMILIES`, loaded through its remote code in one fresh process
-    without etf_hf (`run_python_cases`): (folder, family -> traceback or "", family -> the logits it must give)."""
+    without etf_hf (`run_python_cases`): (folder, family -> `Case`, family -> the logits it must give)."""
     root = tmp_path_factory.mktemp("remote_families")
     cases: dict[str, str] = {}
     expected: dict[str, torch.Tensor] = {}
@@ -329,7 +329,7 @@ with torch.no_grad():
 @pytest.mark.parametrize("family", REMOTE_FAMILIES)
 def test_stacked_and_new_families_load_without_etf_hf_through_remote_code(family: str, loaded_without_etf_hf) -> None:
     root, errors, expected = loaded_without_etf_hf
-    assert errors[family] == "", errors[family][-3000:]
+    assert errors[family].error == "", errors[family].error[-3000:]
     assert torch.equal(torch.load(root / f"{family}.out.pt"), expected[family])
 
 

@@ -22,7 +22,7 @@ import etf_hf
 from etf_hf import ETFConfig, etf_layers, materialize, patch
 from etf_hf.hub import _FOOTER_MARKER, REMOTE_CODE_FILE, remote_code_source
 from intercepted_hub import intercept_hub
-from isolated import run_python, run_python_cases
+from isolated import Case, run_python, run_python_cases
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_vit, token_batch
 
 
@@ -181,9 +181,9 @@ model = transformers.{auto_class}.from_pretrained({str(again)!r}, trust_remote_c
 
 
 @pytest.fixture(scope="module")
-def without_etf_hf(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, torch.Tensor]]:
+def without_etf_hf(tmp_path_factory) -> tuple[Path, dict[str, Case], dict[str, torch.Tensor]]:
     """Every checkpoint of this file that must load where etf_hf cannot be imported, loaded in one fresh
-    process (`run_python_cases`): (folder, name -> traceback or "", name -> the logits it must give)."""
+    process (`run_python_cases`): (folder, name -> `Case`, name -> the logits it must give)."""
     root = tmp_path_factory.mktemp("without_etf_hf")
     cases: dict[str, str] = {}
     expected: dict[str, torch.Tensor] = {}
@@ -214,7 +214,7 @@ def without_etf_hf(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, to
 
 def _check_case(without_etf_hf, case: str) -> Path:
     root, errors, expected = without_etf_hf
-    assert errors[case] == "", errors[case][-3000:]
+    assert errors[case].error == "", errors[case].error[-3000:]
     assert torch.equal(torch.load(root / f"{case}.out.pt"), expected[case])
     return root
 

@@ -13,7 +13,7 @@ from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForImageClas
 
 from etf_hf import FORMAT_VERSION, ETFConfig, etf_layers, patch
 from etf_hf.injection import apply_etf_layers
-from isolated import run_python
+from isolated import Case, run_python, run_python_cases
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_vit, token_batch
 
 CASES = {
@@ -87,32 +87,41 @@ def test_canonical_frames_are_not_shared_tensors(tmp_path: Path) -> None:
     assert (tmp_path / "model.safetensors").exists()
 
 
-@pytest.mark.slow  # a fresh Python process
-def test_vanilla_auto_class_refuses_an_etf_checkpoint(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def vanilla_loads(tmp_path_factory) -> dict[str, Case]:
+    """An ETF GPT-2 checkpoint, with and without its remote code, loaded by vanilla transformers in one fresh
+    process without etf_hf (`run_python_cases`)."""
+    root = tmp_path_factory.mktemp("vanilla_loads")
+    patch(tiny_gpt2()).save_pretrained(root / "etf")
+    assert json.loads((root / "etf" / "config.json").read_text())["model_type"] == "etf_gpt2"
+    patch(tiny_gpt2()).save_pretrained(root / "no-remote-code")
+    config = json.loads((root / "no-remote-code" / "config.json").read_text())
+    del config["auto_map"]
+    (root / "no-remote-code" / "config.json").write_text(json.dumps(config))
+    auto = "from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({!r})"
+    return run_python_cases({
+        "auto": auto.format(str(root / "etf")),
+        "auto-without-remote-code": auto.format(str(root / "no-remote-code")),
+        "explicit-class": f"from transformers import GPT2LMHeadModel\nGPT2LMHeadModel.from_pretrained({str(root / 'etf')!r})",
+    }, without_etf_hf=True)
+
+
+@pytest.mark.slow  # a fresh Python process (shared, see `vanilla_loads`)
+def test_vanilla_auto_class_refuses_an_etf_checkpoint(vanilla_loads) -> None:
     """Trap: a checkpoint keeping model_type gpt2 would load in vanilla transformers with random MLPs.
     The etf_gpt2 type (and the shipped remote code) make the Auto classes raise instead, asking for
     trust_remote_code; with the remote code removed they raise on the unknown model type."""
-    patch(tiny_gpt2()).save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "etf_gpt2"
-    load = f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({str(tmp_path)!r})"
-    result = run_python(load, without_etf_hf=True)
-    assert result.returncode != 0 and "trust_remote_code=True" in result.stderr
-    config = json.loads((tmp_path / "config.json").read_text())
-    del config["auto_map"]
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    result = run_python(load, without_etf_hf=True)
-    assert result.returncode != 0 and "etf_gpt2" in result.stderr
+    assert "trust_remote_code=True" in vanilla_loads["auto"].error
+    assert "etf_gpt2" in vanilla_loads["auto-without-remote-code"].error
 
 
-@pytest.mark.slow  # a fresh Python process
-def test_explicit_vanilla_class_loudly_reports_the_missing_ffn(tmp_path: Path) -> None:
+@pytest.mark.slow  # a fresh Python process (shared, see `vanilla_loads`)
+def test_explicit_vanilla_class_loudly_reports_the_missing_ffn(vanilla_loads) -> None:
     """GPT2LMHeadModel.from_pretrained on an ETF checkpoint cannot be exact (the compact checkpoint has no
     dense FFN weights); transformers must at least report the model-type mismatch and every missing
     FFN weight. This pins that the report stays loud."""
-    patch(tiny_gpt2()).save_pretrained(tmp_path)
-    result = run_python(f"from transformers import GPT2LMHeadModel\nGPT2LMHeadModel.from_pretrained({str(tmp_path)!r})",
-                        without_etf_hf=True)
-    report = result.stdout + result.stderr
+    case = vanilla_loads["explicit-class"]
+    report = case.stdout + case.stderr
     assert "etf_gpt2" in report
     assert "mlp.c_fc.weight" in report and "MISSING" in report
 
