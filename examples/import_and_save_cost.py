@@ -4,6 +4,7 @@ Run on an idle machine (numbers are medians of --repeats runs, interleaved):
 
     python examples/import_and_save_cost.py               # ~2 minutes on 2 cores
     python examples/import_and_save_cost.py --quick       # tiny settings, to check the script itself
+    python examples/import_and_save_cost.py --remote-code # only the remote-code sizes and where they come from
 
 Goals (issue 18): ``import etf_hf`` (and then the library ready to patch) at most 1.15x of importing
 transformers with the GPT-2, BERT and ViT model classes; ``etf-hf --help`` at most 2 s; the remote-code
@@ -130,16 +131,47 @@ def remote_code_sizes() -> dict[str, dict[str, int]]:
                      for name, config in configs.items()} for family, build in families.items()}
 
 
+def remote_code_breakdown(config_kwargs: dict | None = None) -> dict[str, int]:
+    """Bytes of a GPT-2 checkpoint's remote code per library module it was copied from (the footer apart):
+    where the file's size comes from."""
+    import ast
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import etf_hf
+    from etf_hf.hub import SOURCE_MODULES, _defined_names, _module_statements, remote_code_source
+
+    origin = {}
+    for module in SOURCE_MODULES:
+        for statement in _module_statements(f"{module}.py"):
+            for name in _defined_names(statement):
+                origin.setdefault(name, module)
+    model = etf_hf.patch(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)),
+                         etf_hf.ETFConfig(**(config_kwargs or {})))
+    sizes: dict[str, int] = {}
+    for statement in ast.parse(remote_code_source(model)).body:
+        names = sorted(_defined_names(statement))
+        module = origin.get(names[0], "footer and imports") if names else "footer and imports"
+        sizes[module] = sizes.get(module, 0) + len(ast.unparse(statement).encode()) + 1
+    return dict(sorted(sizes.items(), key=lambda item: -item[1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 repeat, a tiny model instead of GPT-2 small")
+    parser.add_argument("--remote-code", action="store_true",
+                        help="only the remote-code sizes, and where a GPT-2 file's bytes come from (no timing)")
     options = parser.parse_args()
     repeats = 1 if options.quick else options.repeats
     sizes = remote_code_sizes()
     print("| remote code (modeling_etf_hf.py) | " + " | ".join(next(iter(sizes.values()))) + " |\n|---|---|---|")
     for family, row in sizes.items():
         print(f"| {family} | " + " | ".join(f"{size / 1000:.1f} KB" for size in row.values()) + " |")
+    if options.remote_code:
+        for name, kwargs in (("default", {}), ("structured", {"basis": "structured"})):
+            print(f"\nGPT-2 remote code ({name}), bytes per source module: {remote_code_breakdown(kwargs)}")
+        return
     imports = import_times(repeats)
     base = imports["transformers + GPT-2/BERT/ViT classes"]
     print(f"load average {os.getloadavg()[0]:.2f}; medians of {repeats}")
