@@ -406,14 +406,21 @@ def _registry_slots(model: nn.Module, architecture: Architecture, stacks: Stacks
     return slots
 
 
+def _fallback_layout(module: nn.Module | None) -> str | None:
+    """`_layout`, with an `ETFLinear` counted as the Linear it replaced: a model patched before (Adaptive-ETF
+    locks block by block) must still show its fixed projections, or recording the next lock would drop them.
+    The generic groups are Linear layers in every family that has them (Conv1D families have records)."""
+    return "linear" if isinstance(module, ETFLinear) else _layout(module) if module is not None else None
+
+
 def _fallback_candidates(model: nn.Module) -> list[tuple[str, nn.Module, str, str, str]]:
     found = []
     for path, module in model.named_modules():
         for group in FALLBACK_GROUPS:
             members = [(role, attr) for role, attrs in group.items() for attr in attrs]
-            children = {attr: getattr(module, attr, None) for _, attr in members}
-            if all(child is not None and _layout(child) for child in children.values()):
-                found += [(f"{path}.{attr}", module, attr, role, _layout(children[attr])) for role, attr in members]
+            layouts = {attr: _fallback_layout(getattr(module, attr, None)) for _, attr in members}
+            if all(layouts.values()):
+                found += [(f"{path}.{attr}", module, attr, role, layouts[attr]) for role, attr in members]
     return found
 
 

@@ -215,3 +215,20 @@ def test_layers_none_means_let_resolve_choose_and_nothing_else() -> None:
     outside_blocks = etf_hf.resolve(tiny_gpt2(), ETFConfig(target_modules=["lm_head"]))
     assert outside_blocks.layers == "all" and [m["path"] for m in outside_blocks.modules] == ["lm_head"]
     assert etf_hf.resolve(tiny_t5(), ETFConfig()).layers == {"encoder": [0, 1], "decoder": [0, 1, 2]}
+
+
+def test_locks_of_a_fallback_architecture_keep_the_blocks_locked_before(tmp_path) -> None:
+    """OPT has no record: its MLPs are found by their fc1/fc2 children, which a first lock has made ETF layers.
+    A second lock must still see them, so config.etf keeps every locked block and the model reloads as it is."""
+    model = OPTForCausalLM(OPTConfig(num_hidden_layers=3, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+                                     vocab_size=64, word_embed_proj_dim=32))
+    assert lock_blocks(model, [2]) == [2]
+    assert lock_blocks(model, [1]) == [1, 2]
+    assert [entry["path"] for entry in model.config.etf["modules"]] == [
+        f"decoder.layers.{block}.{name}" for block in (1, 2) for name in ("fc1", "fc2")]
+    model.save_pretrained(tmp_path)
+    etf_hf.register_model_type("opt")
+    reloaded = etf_hf.modeling_etf.etf_model_class(OPTForCausalLM).from_pretrained(tmp_path).eval()
+    ids = token_batch(vocab_size=64)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model.eval()(ids).logits)
