@@ -34,7 +34,7 @@ from torch import nn
 
 from .architectures import MLPForm, mlp_form
 from .etf import StructuredOperator, structured_rows_apply, structured_rows_apply_t
-from .layers import ETFLinear, accumulation_dtype, column_sums, inner_product
+from .layers import ETFLinear, accumulation_dtype, affine, column_sums, inner_product
 
 _SQRT_2_OVER_PI = 0.7978845608028654  # math.sqrt(2.0 / math.pi)
 _GELU_TANH_CUBIC = 0.044715
@@ -71,14 +71,21 @@ def _on_storage(function, *tensors: torch.Tensor) -> torch.Tensor:
     return function(*tensors)
 
 
-#: Backward recomputes the activation only for gradients, not for outputs: GPT-2's written-out tanh
-#: approximation is then evaluated by torch's single fused kernel for the same function (7 passes over
-#: the hidden activation fewer; differences at float rounding, in gradients only).
-_BACKWARD_KIND = {"gelu_new": "gelu_tanh"}
+#: Activations the fused FFN evaluates with torch's single kernel for the same function: GPT-2's
+#: written-out tanh approximation (``gelu_new``, eight elementwise ops, each a pass over the 4d-wide hidden
+#: activation) is exactly ``gelu(approximate="tanh")`` (transformers' ``gelu_pytorch_tanh``), one pass.
+#: Outputs then differ from the module's own ops at float rounding (~1e-7 relative), forward and backward;
+#: every other activation is computed as the module computes it (bit-identical to the unfused path).
+KERNEL_KIND = {"gelu_new": "gelu_tanh"}
+
+
+def kernel_kind(kind: str) -> str:
+    """The activation kind the fused FFN evaluates for ``kind`` (see `KERNEL_KIND`)."""
+    return KERNEL_KIND.get(kind, kind)
 
 
 def _activate(kind: str, h: torch.Tensor) -> torch.Tensor:
-    """The activation, written as the module computes it (bit-identical outputs to the unfused path)."""
+    """The activation of ``kind`` (already mapped by `kernel_kind`), on the hidden activation's storage."""
     return _on_storage(lambda t: _activation(kind, t), h)
 
 
@@ -108,8 +115,8 @@ def _derivative_times(kind: str, grad: torch.Tensor, h: torch.Tensor) -> torch.T
         return torch.ops.aten.silu_backward(grad, h)
     if kind == "relu":
         return torch.where(h > 0, grad, torch.zeros_like(grad))
-    raise ValueError(f"no fused derivative for activation {kind!r} (backward evaluates {sorted(_BACKWARD_KIND)} "
-                     f"as {sorted(_BACKWARD_KIND.values())})")
+    raise ValueError(f"no fused derivative for activation {kind!r} (the fused FFN evaluates {sorted(KERNEL_KIND)} "
+                     f"as {sorted(KERNEL_KIND.values())})")
 
 
 class _Frame(NamedTuple):
@@ -160,8 +167,8 @@ def _unflatten(spec: FusedSpec, operands: tuple) -> tuple[list[_Frame], list[int
 
 
 def _affine(pre: torch.Tensor, frame: _Frame, dtype: torch.dtype) -> torch.Tensor:
-    out = pre * frame.gain.to(dtype)
-    return out if frame.bias is None else out + frame.bias.to(dtype)
+    """gain * pre + bias in one pass (`affine`, as the per-projection layers compute it)."""
+    return affine(pre, frame.gain, frame.bias, dtype)
 
 
 class _FusedFeedForward(torch.autograd.Function):
@@ -180,10 +187,11 @@ class _FusedFeedForward(torch.autograd.Function):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
             pres = [frame.project(flat) for frame in ups]
             hidden = [_affine(pre, frame, dtype) for pre, frame in zip(pres, ups)]
+            kind = kernel_kind(spec.activation)
             if spec.gated:
-                activated = _activate(spec.activation, hidden[0]) * hidden[1]
+                activated = _activate(kind, hidden[0]) * hidden[1]
             else:
-                activated = _activate(spec.activation, hidden[0])
+                activated = _activate(kind, hidden[0])
             out = _affine(down.project(activated), down, dtype).contiguous()
         ctx.spec = spec
         ctx.dtype = dtype
@@ -213,13 +221,12 @@ class _FusedFeedForward(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
             pres = [frame.project(flat) for frame in ups] if spec.recompute else list(saved[1 + count:])
-            hidden = [pre * frame.gain.to(dtype) if frame.bias is None else
-                      torch.addcmul(frame.bias.to(dtype), pre, frame.gain.to(dtype)) for pre, frame in zip(pres, ups)]
+            hidden = [_affine(pre, frame, dtype) for pre, frame in zip(pres, ups)]
             grad = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
             if down.bias is not None and needs[bias_at[-1]]:
                 grads[bias_at[-1]] = column_sums(grad).to(down.bias.dtype)
             back = down.adjoint(grad)
-            kind = _BACKWARD_KIND.get(spec.activation, spec.activation)
+            kind = kernel_kind(spec.activation)
             gate_out = _activate(kind, hidden[0])
             activated = gate_out * hidden[1] if spec.gated else gate_out
             if needs[gain_at[-1]]:

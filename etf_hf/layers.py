@@ -39,6 +39,15 @@ def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def affine(pre_gain: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """gain * pre_gain + bias in ``dtype``: one pass over the output (addcmul), not two (a product, then a
+    sum). Every fixed-frame path (per-projection, fused forward, fused backward's recompute) computes its
+    output through this one function, so they round alike."""
+    if bias is None:
+        return pre_gain * gain.to(dtype)
+    return torch.addcmul(bias.to(dtype), pre_gain, gain.to(dtype))
+
+
 def inner_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """<a, b> summed over every element, accumulated in `accumulation_dtype`: a gain's gradient."""
     dtype = accumulation_dtype(a, b)
@@ -87,9 +96,7 @@ class _FixedFrameLinear(torch.autograd.Function):
             compute_dtype = x.dtype
         with torch.autocast(device_type, enabled=False):
             pre_gain = torch.nn.functional.linear(x.to(compute_dtype), frame.to(compute_dtype))
-            out = pre_gain * gain.to(compute_dtype)
-            if bias is not None:
-                out = out + bias.to(compute_dtype)
+            out = affine(pre_gain, gain, bias, compute_dtype)
         ctx.compute_dtype = compute_dtype
         ctx.input_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -136,9 +143,7 @@ class _StructuredFrameLinear(torch.autograd.Function):
         with torch.autocast(device_type, enabled=False):
             apply = structured_apply_t if transposed else structured_apply
             pre_gain = apply(x.to(compute_dtype), op)
-            out = pre_gain * gain.to(compute_dtype)
-            if bias is not None:
-                out = out + bias.to(compute_dtype)
+            out = affine(pre_gain, gain, bias, compute_dtype)
         ctx.op = op
         ctx.transposed = transposed
         ctx.compute_dtype = compute_dtype

@@ -22,7 +22,7 @@ from etf_hf.app.bench import (Settings, _child_command, _densify_structured, add
 from etf_hf.app.bounds import BiasOnly, BroadcastHidden, LeadingUnits, replace_ffn
 from etf_hf.app.recipe import ConfigError
 from etf_hf.architectures import find_slots
-from tiny_models import tiny_gpt2, token_batch
+from tiny_models import tiny_gpt2, tiny_vit, token_batch
 
 REPO = Path(__file__).resolve().parents[1]
 DENSE = "dense:n_inner=128"
@@ -272,11 +272,18 @@ def test_bounds_and_frozen_hit_exactly_the_etf_slots():
     model = tiny_gpt2()
     replace_ffn(model, "ffn-free")
     assert [name for name, module in model.named_modules() if isinstance(module, BiasOnly)] == names
+    assert all(type(block.mlp.act) is torch.nn.Identity for block in model.transformer.h)  # no activation
     assert isinstance(model.transformer.h[0].attn.c_proj, Conv1D)  # the attention's c_proj is not an FFN
     model = tiny_gpt2()
     replace_ffn(model, "ffn-activation-only")
     assert [name for name, module in model.named_modules() if isinstance(module, BroadcastHidden)] == names[::2]
     assert [name for name, module in model.named_modules() if isinstance(module, LeadingUnits)] == names[1::2]
+    # the activation runs as the fused ETF FFN runs it (gelu_new as torch's tanh-GELU kernel): still a bound
+    assert all(type(block.mlp.act) is torch.nn.GELU and block.mlp.act.approximate == "tanh"
+               for block in model.transformer.h)
+    vit = tiny_vit()
+    replace_ffn(vit, "ffn-activation-only")  # ViT's exact GELU is already one kernel: left as it is
+    assert all(type(layer.mlp.activation_fn).__name__ == "GELUActivation" for layer in vit.vit.layers)
 
     model = apply_mode(tiny_gpt2(), "frozen", "gpt2")
     frozen = sorted(name for name, p in model.named_parameters() if not p.requires_grad)

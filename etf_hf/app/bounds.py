@@ -1,12 +1,18 @@
 """The benchmark's two FFN bounds: replacements for every FFN projection that no fixed-frame FFN can undercut.
 
-``ffn-free`` (`BiasOnly` everywhere): each projection returns only its bias, so the FFN costs nothing but
-the bias gradients, and the activation is not computed either: the loose bound.
+``ffn-free`` (`BiasOnly` everywhere, the MLP's activation an identity): each projection returns only its
+bias, so the FFN costs nothing but the bias gradients, and the activation is not computed either: the loose
+bound. (The identity matters: an MLP's forward still calls its activation on the up-projection's output, and
+GPT-2's written-out GELU would materialise eight hidden-wide tensors from the broadcast bias.)
 
 ``ffn-activation-only`` (`BroadcastHidden` up, `LeadingUnits` down): the FFN still applies its own
 activation at the full hidden width, forward and backward, keeping what the activation saves for backward,
 and only its projections cost nothing: the tight bound, what any FFN whose projections are fixed frames must
 still pay in time.
+
+The activation is evaluated as the fused fixed-frame FFN evaluates it (`etf_hf.ffn.KERNEL_KIND`: GPT-2's
+written-out ``gelu_new`` by torch's one tanh-GELU kernel, the same function), so the tight bound stays a
+bound for it.
 
 Both act on exactly the slots `etf_hf.patch` replaces under the default `ETFConfig` and keep the replaced
 layers' biases trainable: they train what ``frozen`` trains (where every projection has a bias).
@@ -16,8 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..architectures import Slot, find_slots
+from ..architectures import Slot, find_slots, mlp_form
 from ..config import ETFConfig
+from ..ffn import activation_kind, kernel_kind
 from ..patch import resolve
 
 ACTIVATION_ONLY, FFN_FREE = "ffn-activation-only", "ffn-free"
@@ -133,4 +140,21 @@ def replace_ffn(model: nn.Module, mode: str) -> list[Slot]:
             kind = BroadcastHidden if slot.role == "up" else LeadingUnits
             replacement = kind.from_layer(layer, slot.layout)
         setattr(slot.parent, slot.attribute, replacement)
+        _bound_activation(slot.parent, mode)
     return slots
+
+
+def _bound_activation(mlp: nn.Module, mode: str) -> None:
+    """Give an MLP with a known `MLPForm` its bound's activation: an identity for ``ffn-free``; for
+    ``ffn-activation-only`` the module the fused FFN evaluates in its place (GPT-2's ``gelu_new`` becomes
+    ``nn.GELU(approximate="tanh")``, the same function in one kernel), other activations as they are.
+    (BERT's FFN spans two modules and has no `MLPForm`: its activation stays, and so does its cost.)"""
+    form = mlp_form(type(mlp))
+    if form is None:
+        return
+    if mode == FFN_FREE:
+        setattr(mlp, form.activation, nn.Identity())
+        return
+    kind = activation_kind(getattr(mlp, form.activation))
+    if kind is not None and kernel_kind(kind) == "gelu_tanh" and kind != "gelu_tanh":
+        setattr(mlp, form.activation, nn.GELU(approximate="tanh"))
