@@ -19,6 +19,7 @@ the frame matrix-free (`structured_apply`, `structured_apply_t`) in O(n D log D)
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from typing import NamedTuple
 
@@ -505,31 +506,53 @@ def structured_operator(plan: StructuredPlan, max_factor: int = FAST_MAX_FACTOR)
 
 
 def _fast_hadamard(z: torch.Tensor, factors: tuple[int, ...], hadamard: torch.Tensor) -> torch.Tensor:
-    """(b, N) -> (H_b / sqrt(b)) @ z: one (batched) GEMM per Kronecker factor, no transposes."""
+    """(b, N) -> H_b @ z, *unnormalised* (+-1 entries; `input_scales` carries each block's 1/sqrt(b)): one
+    (batched) GEMM per Kronecker factor, no transposes, no per-factor scaling op."""
     block, cols = z.shape
     before = 1
     for f in factors:
-        z = torch.matmul(hadamard[:f, :f].to(z.dtype) * (f ** -0.5), z.reshape(before, f, -1))
+        z = torch.matmul(hadamard[:f, :f], z.reshape(before, f, -1))
         before *= f
     return z.reshape(block, cols)
 
 
-def _fast_blocks(rows: torch.Tensor, source: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
-    """(D, N) = BlockHadamard @ rows[source]: each block gathers its rows and is transformed on its own.
+def _fast_blocks(rows: torch.Tensor, source: torch.Tensor | None, op: StructuredOperator) -> torch.Tensor:
+    """(D, N) = unnormalised BlockHadamard @ rows[source] (``source`` None: rows as they are): each block
+    gathers its rows and is transformed on its own.
 
     A Python loop over the blocks of the binary decomposition of D: one block when D is a power of two
     (every FFN of width 2^k), never more than log2(D) + 1, and static (unrolled by torch.compile).
     """
     blocks, factors = op.layout[3], op.layout[4]
+    hadamard = op.hadamard.to(rows.dtype)
     parts, offset = [], 0
     for block, block_factors in zip(blocks, factors):
-        parts.append(_fast_hadamard(rows.index_select(0, source[offset:offset + block]), block_factors, op.hadamard))
+        part = rows[offset:offset + block] if source is None else rows.index_select(0, source[offset:offset + block])
+        parts.append(_fast_hadamard(part, block_factors, hadamard))
         offset += block
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def input_scales(op: StructuredOperator, dtype: torch.dtype) -> torch.Tensor:
+    """(m,): each input's sign times sqrt(K/(K-1)) times 1/sqrt(b) of the Hadamard block b it lands in.
+
+    The normalisations of the orthonormal block Hadamard transform, folded into the one multiplication
+    on the narrow (m-wide) side that the signs need anyway: the fast transform then multiplies by +-1
+    matrices only, with no scaling op per Kronecker factor (at batch 1 those ops cost more than the GEMMs).
+    """
+    blocks = op.layout[3]
+    scale = structured_scale(op)
+    signs = op.signs.to(dtype)
+    if len(blocks) == 1:
+        return signs * (scale * blocks[0] ** -0.5)
+    ends = torch.tensor(list(itertools.accumulate(blocks))[:-1], device=op.index.device)
+    per_block = torch.tensor([scale * block ** -0.5 for block in blocks], dtype=dtype, device=signs.device)
+    return signs * per_block[torch.bucketize(op.index, ends, right=True)]
+
+
 def spread_rows(rows: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
-    """(m, N) -> (D, N): Perm_out . BlockHadamard . Embed, feature-major (signs and scale not applied)."""
+    """(m, N) -> (D, N): Perm_out . BlockHadamard . Embed, feature-major (signs and scales, `input_scales`,
+    not applied)."""
     padded = rows.new_empty(rows.shape[0] + 1, rows.shape[1])  # copy_ transposes ~4x faster than cat
     padded[:-1].copy_(rows)
     padded[-1].zero_()
@@ -550,14 +573,13 @@ def structured_rows_apply(x: torch.Tensor, op: StructuredOperator) -> torch.Tens
     """x @ M^T for a 2-D x, (n, K) -> (n, D), returned as the transposed view of a contiguous
     feature-major (D, n) matrix; x may itself be such a view (it is then read without a copy)."""
     inputs = _helmert_apply(x) if op.layout[2] else x - x.mean(-1, keepdim=True)
-    signed = inputs * (op.signs.to(x.dtype) * structured_scale(op))
-    return spread_rows(signed.t(), op).t()
+    return spread_rows((inputs * input_scales(op, x.dtype)).t(), op).t()
 
 
 def structured_rows_apply_t(y: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
     """y @ M for a 2-D y, (n, D) -> (n, K), feature-major like `structured_rows_apply`: a feature-major
     y costs no transpose, and the result is the transposed view of a contiguous (K, n) matrix."""
-    rows = collect_rows(y.t().contiguous(), op) * (op.signs.to(y.dtype) * structured_scale(op))[:, None]
+    rows = collect_rows(y.t().contiguous(), op) * input_scales(op, y.dtype)[:, None]
     if op.layout[2]:
         return _helmert_apply_t(rows.t())
     return (rows - rows.mean(0, keepdim=True)).t()
