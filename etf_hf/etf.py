@@ -550,18 +550,22 @@ def input_scales(op: StructuredOperator, dtype: torch.dtype) -> torch.Tensor:
     return signs * per_block[torch.bucketize(op.index, ends, right=True)]
 
 
-def spread_rows(rows: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
+def spread_rows(rows: torch.Tensor, op: StructuredOperator, order: torch.Tensor | None) -> torch.Tensor:
     """(m, N) -> (D, N): Perm_out . BlockHadamard . Embed, feature-major (signs and scales, `input_scales`,
-    not applied)."""
+    not applied). Output row i is Hadamard coordinate ``order[i]``: ``op.perm`` gives the frame's own
+    rows; another order lets a caller keep a hidden activation in one frame's Hadamard coordinates
+    (`etf_hf.ffn`), None leaves this frame's Hadamard coordinates (no gather)."""
     padded = rows.new_empty(rows.shape[0] + 1, rows.shape[1])  # copy_ transposes ~4x faster than cat
     padded[:-1].copy_(rows)
     padded[-1].zero_()
-    return _fast_blocks(padded, op.spread, op).index_select(0, op.perm)
+    out = _fast_blocks(padded, op.spread, op)
+    return out if order is None else out.index_select(0, order)
 
 
-def collect_rows(rows: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
-    """(D, N) -> (m, N): the transpose of `spread_rows`, feature-major."""
-    return _fast_blocks(rows, op.inverse, op).index_select(0, op.index)
+def collect_rows(rows: torch.Tensor, op: StructuredOperator, order: torch.Tensor | None) -> torch.Tensor:
+    """(D, N) -> (m, N): the transpose of `spread_rows`, feature-major. Hadamard coordinate j reads row
+    ``order[j]`` (``op.inverse`` for the frame's own rows; None: the rows are Hadamard coordinates)."""
+    return _fast_blocks(rows, order, op).index_select(0, op.index)
 
 
 def structured_scale(op: StructuredOperator) -> float:
@@ -569,17 +573,25 @@ def structured_scale(op: StructuredOperator) -> float:
     return math.sqrt(op.layout[0] / (op.layout[0] - 1))
 
 
-def structured_rows_apply(x: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
+def structured_rows_apply(x: torch.Tensor, op: StructuredOperator, order: torch.Tensor | None = None,
+                          hadamard_order: bool = False) -> torch.Tensor:
     """x @ M^T for a 2-D x, (n, K) -> (n, D), returned as the transposed view of a contiguous
-    feature-major (D, n) matrix; x may itself be such a view (it is then read without a copy)."""
+    feature-major (D, n) matrix; x may itself be such a view (it is then read without a copy).
+    ``order``: the output columns' order (`spread_rows`; default ``op.perm``, M's own rows);
+    ``hadamard_order``: leave the columns in M's Hadamard coordinates (no gather)."""
     inputs = _helmert_apply(x) if op.layout[2] else x - x.mean(-1, keepdim=True)
-    return spread_rows((inputs * input_scales(op, x.dtype)).t(), op).t()
+    target = None if hadamard_order else (op.perm if order is None else order)
+    return spread_rows((inputs * input_scales(op, x.dtype)).t(), op, target).t()
 
 
-def structured_rows_apply_t(y: torch.Tensor, op: StructuredOperator) -> torch.Tensor:
+def structured_rows_apply_t(y: torch.Tensor, op: StructuredOperator, order: torch.Tensor | None = None,
+                            hadamard_order: bool = False) -> torch.Tensor:
     """y @ M for a 2-D y, (n, D) -> (n, K), feature-major like `structured_rows_apply`: a feature-major
-    y costs no transpose, and the result is the transposed view of a contiguous (K, n) matrix."""
-    rows = collect_rows(y.t().contiguous(), op) * input_scales(op, y.dtype)[:, None]
+    y costs no transpose, and the result is the transposed view of a contiguous (K, n) matrix.
+    ``order``: which column of y each Hadamard coordinate reads (`collect_rows`; default ``op.inverse``,
+    M's own rows); ``hadamard_order``: y's columns are already M's Hadamard coordinates (no gather)."""
+    source = None if hadamard_order else (op.inverse if order is None else order)
+    rows = collect_rows(y.t().contiguous(), op, source) * input_scales(op, y.dtype)[:, None]
     if op.layout[2]:
         return _helmert_apply_t(rows.t())
     return (rows - rows.mean(0, keepdim=True)).t()

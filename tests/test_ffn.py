@@ -294,3 +294,17 @@ def test_compile_fullgraph(name: str) -> None:
     expected = mlp(x)
     expected.square().sum().backward()
     assert torch.allclose(out, expected, atol=1e-6) and torch.allclose(grad, x.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_no_grad_forward_skips_autograd_and_equals_the_training_forward(name: str, monkeypatch) -> None:
+    """Inference (no_grad / inference_mode, e.g. generate()) runs the same forward without the autograd
+    function: bit-identical outputs, and the function is not entered."""
+    model = patched(name, "structured")
+    inputs = model_inputs(name)
+    expected = model(**inputs).logits.detach()
+    monkeypatch.setattr(etf_hf.ffn._FusedFeedForward, "apply", staticmethod(lambda *a: pytest.fail("autograd")))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).logits, expected)
