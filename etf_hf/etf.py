@@ -505,13 +505,13 @@ def structured_operator(plan: StructuredPlan, max_factor: int = FAST_MAX_FACTOR)
     )
 
 
-def _fast_hadamard(z: torch.Tensor, factors: tuple[int, ...], hadamard: torch.Tensor) -> torch.Tensor:
+def _fast_hadamard(z: torch.Tensor, factors: tuple[int, ...], matrices: dict[int, torch.Tensor]) -> torch.Tensor:
     """(b, N) -> H_b @ z, *unnormalised* (+-1 entries; `input_scales` carries each block's 1/sqrt(b)): one
-    (batched) GEMM per Kronecker factor, no transposes, no per-factor scaling op."""
+    (batched) GEMM per Kronecker factor (``matrices[f]`` = H_f), no transposes, no per-factor scaling op."""
     block, cols = z.shape
     before = 1
     for f in factors:
-        z = torch.matmul(hadamard[:f, :f], z.reshape(before, f, -1))
+        z = torch.matmul(matrices[f], z.reshape(before, f, -1))
         before *= f
     return z.reshape(block, cols)
 
@@ -525,10 +525,11 @@ def _fast_blocks(rows: torch.Tensor, source: torch.Tensor | None, op: Structured
     """
     blocks, factors = op.layout[3], op.layout[4]
     hadamard = op.hadamard.to(rows.dtype)
+    matrices = {f: hadamard[:f, :f] for f in sorted({f for fs in factors for f in fs})}  # each size sliced once
     parts, offset = [], 0
     for block, block_factors in zip(blocks, factors):
         part = rows[offset:offset + block] if source is None else rows.index_select(0, source[offset:offset + block])
-        parts.append(_fast_hadamard(part, block_factors, hadamard))
+        parts.append(_fast_hadamard(part, block_factors, matrices))
         offset += block
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -545,9 +546,11 @@ def input_scales(op: StructuredOperator, dtype: torch.dtype) -> torch.Tensor:
     signs = op.signs.to(dtype)
     if len(blocks) == 1:
         return signs * (scale * blocks[0] ** -0.5)
-    ends = torch.tensor(list(itertools.accumulate(blocks))[:-1], device=op.index.device)
-    per_block = torch.tensor([scale * block ** -0.5 for block in blocks], dtype=dtype, device=signs.device)
-    return signs * per_block[torch.bucketize(op.index, ends, right=True)]
+    ends = itertools.accumulate(blocks)
+    scaled = signs * (scale * blocks[-1] ** -0.5)  # in dtype, and no tensor built from Python values
+    for end, block in reversed(list(zip(ends, blocks[:-1]))):
+        scaled = torch.where(op.index < end, signs * (scale * block ** -0.5), scaled)
+    return scaled
 
 
 def spread_rows(rows: torch.Tensor, op: StructuredOperator, order: torch.Tensor | None) -> torch.Tensor:

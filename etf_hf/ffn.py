@@ -174,7 +174,8 @@ class _HiddenOrders(NamedTuple):
     from_lead: torch.Tensor | None  # grad.index_select(0, from_lead): a bias gradient back in hidden units
 
 
-def _hidden_orders(ups: list[_Frame], down: _Frame) -> _HiddenOrders:
+def _hidden_orders(ups: list[_Frame], down: _Frame, adjoints: bool) -> _HiddenOrders:
+    """The orders for a forward (``adjoints`` False: the adjoint orders are left None, unused) or a backward."""
     merged = all(f.kind == "structured" and not f.transposed for f in ups) and down.kind == "structured" \
         and down.transposed
     if not merged:
@@ -186,9 +187,9 @@ def _hidden_orders(ups: list[_Frame], down: _Frame) -> _HiddenOrders:
     orders: list[tuple[Order, Order]] = [(HADAMARD, HADAMARD)]
     for frame in ups[1:]:
         op = frame.operator
-        orders.append((op.perm.index_select(0, lead.inverse), lead.perm.index_select(0, op.inverse)))
+        orders.append((op.perm.index_select(0, lead.inverse), lead.perm.index_select(0, op.inverse) if adjoints else None))
     op = down.operator
-    orders.append((lead.perm.index_select(0, op.inverse), op.perm.index_select(0, lead.inverse)))
+    orders.append((lead.perm.index_select(0, op.inverse), op.perm.index_select(0, lead.inverse) if adjoints else None))
     return _HiddenOrders(orders, lead.inverse, lead.perm)
 
 
@@ -230,7 +231,7 @@ def fused_forward(x: torch.Tensor, spec: FusedSpec, operands: tuple) -> tuple[to
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     frames, _, _ = _unflatten(spec, operands)
     ups, down = frames[:-1], frames[-1]
-    orders = _hidden_orders(ups, down)
+    orders = _hidden_orders(ups, down, adjoints=False)
     with torch.autocast(device_type, enabled=False):
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
         pres = [frame.project(flat, order) for frame, (order, _) in zip(ups, orders.frames)]
@@ -272,7 +273,7 @@ class _FusedFeedForward(torch.autograd.Function):
             operands += [gain, bias, *tensors]
         frames, gain_at, bias_at = _unflatten(spec, tuple(operands))
         ups, down = frames[:-1], frames[-1]
-        orders = _hidden_orders(ups, down)
+        orders = _hidden_orders(ups, down, adjoints=True)
         needs = ctx.needs_input_grad[2:]
         grads: list[torch.Tensor | None] = [None] * len(operands)
         # Passes over the n x 4d hidden side: recompute (a transform), h, act(h), the down adjoint
