@@ -436,3 +436,17 @@ def test_gpu_script_dry_run_writes_its_tables(tmp_path):
         assert (tmp_path / f"{stage}.md").read_text().startswith("**Device:**")
     assert (tmp_path / "gpt2-large-eager.profile.md").exists()
     assert "FAILED" not in (tmp_path / "summary.md").read_text()
+
+
+def test_structured_saved_mode_is_the_structured_etf_without_recompute():
+    """etf-structured-saved trains what etf-structured trains, saving the up-projection's output instead of
+    recomputing it: exactly one hidden-wide tensor more per block kept for backward."""
+    assert treatment("etf-structured-saved", "gpt2").etf == ETFConfig(basis="structured", recompute=False)
+    batch = {"input_ids": token_batch(), "labels": token_batch()}
+    saved = {}
+    for mode in ("etf-structured", "etf-structured-saved"):
+        torch.manual_seed(0)
+        model = apply_mode(tiny_gpt2(), mode, "gpt2")
+        assert {m.etf_recompute for m in model.modules() if hasattr(m, "etf_recompute")} == {mode == "etf-structured"}
+        saved[mode] = saved_activation_bytes(model, batch, lambda: torch.autocast("cpu", enabled=False))
+    assert saved["etf-structured-saved"] - saved["etf-structured"] == 2 * (2 * 10 * 4 * 32 * 4)  # 2 blocks

@@ -14,6 +14,8 @@ backward, AdamW step, zero_grad) after warm-up:
                             ``nearest`` hold a dense frame; ``structured`` applies its frame matrix-free
 ``etf-structured-dense``    the structured frame materialised once into a dense buffer and applied like the
                             dense bases (separates "which frame" from "matrix-free vs one GEMM")
+``etf-structured-saved``    ``etf-structured`` with ``ETFConfig(recompute=False)``: the fused FFN saves the
+                            up-projection's output instead of recomputing it in backward (time for memory)
 ``ffn-activation-only``     each FFN computes only its activation, on its up-projection's bias broadcast to
                             the full hidden width, and hands the first model-width units on: what every
                             fixed-frame FFN still pays, frames aside (`etf_hf.app.bounds`)
@@ -77,8 +79,8 @@ SIZES = ("tiny", "small", "large")
 #: ``dense:KEY=VALUE[:KEY=VALUE...]``: the full model with its config fields overridden.
 DENSE_PREFIX = "dense:"
 #: Every fixed mode name the harness accepts (``dense:...`` modes besides), in the order tables list them.
-MODES = ("full", "frozen", "lora", *(f"etf-{basis}" for basis in BASES), "etf-structured-dense", ACTIVATION_ONLY,
-         FFN_FREE)
+MODES = ("full", "frozen", "lora", *(f"etf-{basis}" for basis in BASES), "etf-structured-dense",
+         "etf-structured-saved", ACTIVATION_ONLY, FFN_FREE)
 DEFAULT_MODES = ("full", "frozen", "lora", "etf-orthogonal", "etf-structured", "etf-canonical", ACTIVATION_ONLY,
                  FFN_FREE)
 #: ``--inference`` without ``--modes``: training-only treatments (frozen, LoRA) compute what ``full`` does.
@@ -184,6 +186,8 @@ def treatment(mode: str, family: str) -> treatments.ModeSpec:
     if mode == "lora":
         # the classifiers of BERT and ViT start random, so LoRA trains them, as `etf-hf train` does
         return treatments.ModeSpec(mode, lora=treatments.lora_settings(family, has_labels=family not in GENERATIVE))
+    if mode == "etf-structured-saved":
+        return treatments.ModeSpec(mode, etf=ETFConfig(basis="structured", recompute=False))
     if mode.startswith("etf-"):
         return treatments.ModeSpec(mode, etf=ETFConfig(basis=mode.removeprefix("etf-").removesuffix("-dense")))
     return treatments.ModeSpec(mode)
@@ -798,6 +802,7 @@ def profile_report(result: dict[str, Any]) -> str:
 _EPILOG = """\
 modes:
   full, frozen, lora, etf-<basis> (%(bases)s), etf-structured-dense: treatments of the same model
+  etf-structured-saved: etf-structured with recompute=False (saves the up-projection's output instead)
   ffn-activation-only: each FFN computes only its activation at full hidden width (the tight bound)
   ffn-free: each FFN projection returns only its bias (the loose bound)
   dense:KEY=VALUE[:KEY=VALUE...]: the full model with config fields overridden, e.g. dense:n_inner=512,
