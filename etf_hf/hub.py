@@ -40,7 +40,8 @@ _FOOTER_MARKER = "# ---- etf_hf remote-code footer: the classes this checkpoint 
 OPTIONAL_CODE = {
     "structured": ("_StructuredFrameLinear", "StructuredOperator", "StructuredPlan", "structured_apply",
                    "structured_apply_t", "structured_dense", "structured_operator", "structured_operator_layout",
-                   "structured_operator_sizes", "structured_plan", "structured_rows_apply", "structured_rows_apply_t"),
+                   "structured_operator_sizes", "structured_plan", "structured_rows_apply", "structured_rows_apply_t",
+                   "_structured"),
     "controls": ("control_frame",),
     "head": ("ETFClassifier",),
 }
