@@ -254,6 +254,20 @@ def _auto_map(config_class: type, model_class_name: str, vanilla_model: type) ->
     return tuple(entries)
 
 
+#: Auto classes that map many task models (GPT-2's LM head model is also its "pre-training" model): a card
+#: names them only when no task-specific Auto class maps the model.
+_GENERIC_AUTO_CLASSES = ("AutoModelForPreTraining", "AutoModelWithLMHead", "AutoModel")
+
+
+def _task_auto_class(entries: dict[str, str]) -> str:
+    """The Auto class a card's loading code names: the task's own (``AutoModelForCausalLM`` for
+    ``GPT2LMHeadModel``, not ``AutoModelForPreTraining``, which happens to map it too)."""
+    names = [name for name in entries if name != "AutoConfig"]
+    specific = [name for name in names if name not in _GENERIC_AUTO_CLASSES]
+    generic = [name for name in _GENERIC_AUTO_CLASSES if name in names]
+    return (specific or generic or ["AutoModel"])[0]
+
+
 def _hub_model_id(name_or_path: str) -> str | None:
     """``config._name_or_path`` when it names a Hub repo rather than a local folder."""
     if not name_or_path or os.path.isdir(name_or_path) or name_or_path.startswith((".", "/")):
@@ -267,7 +281,7 @@ def _etf_section(model, base_model: str | list[str] | None, repo_id: str | None 
     where = json.dumps(repo_id) if repo_id else '"REPO_OR_FOLDER"'
     etf = ETFConfig.from_dict(model.config.etf)
     summary = parameter_summary(model)
-    auto_class = next((name for name in auto_map(model) if name != "AutoConfig"), "AutoModel")
+    auto_class = _task_auto_class(auto_map(model))
     share = 100 * summary["trainable"] / summary["total"]
     vanilla = model.etf_vanilla_class.__name__
     return f"""{_SECTION_START}

@@ -287,6 +287,8 @@ def test_push_to_hub_uploads_the_save_folder_and_a_model_card(monkeypatch, tmp_p
     summary = etf_hf.parameter_summary(model)
     assert f"{summary['trainable']:,}" in card and f"{summary['total']:,}" in card
     assert '"basis": "orthogonal"' in card and "trust_remote_code=True" in card and "materialize" in card
+    # the quick start names the task's Auto class, not AutoModelForPreTraining (which maps GPT-2's LM head too)
+    assert "AutoModelForCausalLM.from_pretrained(" in card and "AutoModelForPreTraining" not in card
 
 
 def card_metadata(card: str) -> dict:
