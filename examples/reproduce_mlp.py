@@ -72,6 +72,8 @@ def debian_files() -> dict[str, Path] | None:
 def load_fashion_mnist(data: dict[str, Any]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
     """{"train": (images uint8 (N,28,28), labels int64), "test": ...} and a description of the source."""
     source = data["source"]
+    if source == "digits":
+        return _load_digits(), "scikit-learn digits (8 x 8; first 1,400 train, last 397 test)"
     files = debian_files() if source in ("auto", "debian") else None
     if source == "debian" and files is None:
         raise SystemExit("data.source=debian, but dataset-fashion-mnist is not installed (apt install dataset-fashion-mnist)")
@@ -93,12 +95,23 @@ def load_fashion_mnist(data: dict[str, Any]) -> tuple[dict[str, tuple[np.ndarray
     return splits, description
 
 
+def _load_digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's 8x8 digits as 0-255 images: a development set for lock settings that is neither shared
+    nor published (configs/mlp_digits_dev.yaml), so that choosing on it tunes nothing to a reported table."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.clip(np.rint(digits.images * 16), 0, 255).astype(np.uint8)  # 0..16 -> 0..255
+    labels = digits.target.astype(np.int64)
+    return {"train": (images[:1400], labels[:1400]), "test": (images[1400:], labels[1400:])}
+
+
 class FashionDataset(torch.utils.data.Dataset):
     """Normalised flat pixels (784,) and labels, held as two tensors (the whole set is ~200 MB at most)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: float = MEAN, std: float = STD) -> None:
         pixels = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
-        self.pixels = (pixels - MEAN) / STD
+        self.pixels = (pixels - mean) / std
         self.labels = torch.from_numpy(labels)
 
     def __len__(self) -> int:
@@ -341,9 +354,11 @@ def main() -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     splits, source = load_fashion_mnist(config["data"])
-    datasets = {split: FashionDataset(*arrays) for split, arrays in splits.items()}
+    train_pixels = splits["train"][0] / 255.0
+    scale = (MEAN, STD) if config["data"]["source"] != "digits" else (float(train_pixels.mean()), float(train_pixels.std()))
+    datasets = {split: FashionDataset(*arrays, *scale) for split, arrays in splits.items()}
     probe_images, probe_labels = (array[:config["data"]["probe_size"]] for array in splits["train"])
-    datasets["probe"] = FashionDataset(probe_images, probe_labels)
+    datasets["probe"] = FashionDataset(probe_images, probe_labels, *scale)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"data: {source}; train {len(datasets['train'])}, test {len(datasets['test'])}, "
           f"probe {len(datasets['probe'])}; device: {device}")
