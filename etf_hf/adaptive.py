@@ -14,6 +14,8 @@ A lock is *smooth* by default (`etf_hf.smooth_lock`): the frame's gain is the le
 probe's inputs to the layer, the mean residual is folded into the bias, and BatchNorm running statistics
 are re-estimated on the probe; with ``anneal_steps=N`` the weight is pulled linearly onto gain * frame
 over N optimizer steps before it is replaced. The probe loss just before and after each lock is logged.
+A lock that would complete with less than one check interval of training after it does not start (see
+``min_steps_after_lock``): locking a block when no training is left to adapt to it only costs.
 
 A lock changes the model's parameter set in the middle of training, which three things must learn about:
 
@@ -216,6 +218,13 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
     anneal_steps: 0 (the default) replaces the weight at the check; N > 0 first pulls it, over the next N
         optimizer steps, linearly onto gain * frame (still training, the bias absorbing the mean change),
         and then replaces it by exactly that frame and gain.
+    min_steps_after_lock: a lock starts only if it completes (after its ``anneal_steps``) at least this many
+        optimizer steps before the end of training (``state.max_steps``); None (the default) means one check
+        interval, the steps since the previous check. Why: the rest of the network adapts to a lock only by
+        training after it, so a lock at (or annealing into) the end of training removes trainable weights
+        from a finished model at a loss cost nothing can recover -- on the paper's MLP a gradual lock that
+        ended with training raised the probe loss by 38 %. Blocks that qualify too late stay trainable; each
+        such check is logged and kept in ``late_locks``. 0 allows a lock at the very last step.
     num_classes, pooling, batch_size: see `etf_hf.collapse_report`.
 
     Usage (the callback needs the trainer itself, for its optimizer, DDP wrapper and logger)::
@@ -228,12 +237,13 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
     (probe loss in eval mode just before the lock and right after it, BatchNorm refreshed).
     Attributes: ``counters`` (consecutive qualifying checks, per block), ``locked``, ``lock_steps`` (block ->
     global step of its lock), ``history`` (one ``{"step", "epoch", "ncc"}`` per check), ``lock_losses`` (one
-    ``{"blocks", "step", "before", "after"}`` per lock), ``annealing`` (block -> steps of its anneal done).
+    ``{"blocks", "step", "before", "after"}`` per lock), ``annealing`` (block -> steps of its anneal done),
+    ``late_locks`` (one ``{"blocks", "step"}`` per check at which qualifying blocks were too late to lock).
     """
 
     def __init__(self, probe: Any = None, *, threshold: float = 0.9, patience: int = 5, every: str | int = "eval",
                  rule: str = "effective_depth", basis: str = "nearest", smooth: bool = True, anneal_steps: int = 0,
-                 num_classes: int | None = None, pooling: str = "auto", batch_size: int = 256) -> None:
+                 min_steps_after_lock: int | None = None, num_classes: int | None = None, pooling: str = "auto", batch_size: int = 256) -> None:
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold={threshold}: an NCC accuracy threshold lies in [0, 1]")
         if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
@@ -252,6 +262,10 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
             raise ValueError(f"smooth={smooth!r}: must be true or false")
         if not isinstance(anneal_steps, int) or isinstance(anneal_steps, bool) or anneal_steps < 0:
             raise ValueError(f"anneal_steps={anneal_steps!r}: must be an int >= 0 (optimizer steps)")
+        if min_steps_after_lock is not None and (not isinstance(min_steps_after_lock, int) or
+                                                 isinstance(min_steps_after_lock, bool) or min_steps_after_lock < 0):
+            raise ValueError(f"min_steps_after_lock={min_steps_after_lock!r}: must be an int >= 0 (optimizer steps) "
+                             f"or None (one check interval)")
         self.probe = probe
         self.threshold = threshold
         self.patience = patience
@@ -260,6 +274,7 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
         self.basis = basis
         self.smooth = smooth
         self.anneal_steps = anneal_steps
+        self.min_steps_after_lock = min_steps_after_lock
         self.num_classes = num_classes
         self.pooling = pooling
         self.batch_size = batch_size
@@ -269,6 +284,7 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
         self.history: list[dict[str, Any]] = []
         self.lock_losses: list[dict[str, Any]] = []
         self.annealing: dict[int, int] = {}
+        self.late_locks: list[dict[str, Any]] = []
         self._anneal: dict[str, Any] | None = None  # the running anneal's targets (not checkpointed)
         self._handover: dict[str, nn.Parameter] = {}  # the parameters before a replacement, for the optimizer
         self._trainer: Any = None
@@ -303,11 +319,13 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
         return {
             "args": {"threshold": self.threshold, "patience": self.patience, "every": self.every, "rule": self.rule,
                      "basis": self.basis, "smooth": self.smooth, "anneal_steps": self.anneal_steps,
+                     "min_steps_after_lock": self.min_steps_after_lock,
                      "num_classes": self.num_classes, "pooling": self.pooling, "batch_size": self.batch_size},
             "attributes": {"counters": list(self.counters), "locked": list(self.locked),
                            "lock_steps": {str(block): step for block, step in self.lock_steps.items()},
                            "history": list(self.history), "lock_losses": list(self.lock_losses),
-                           "annealing": {str(block): done for block, done in self.annealing.items()}},
+                           "annealing": {str(block): done for block, done in self.annealing.items()},
+                           "late_locks": list(self.late_locks)},
         }
 
     def _restore(self, saved: dict[str, Any], model: nn.Module) -> None:
@@ -323,6 +341,7 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
         self.lock_steps = {int(block): step for block, step in attributes["lock_steps"].items()}
         self.history = list(attributes["history"])
         self.lock_losses = list(attributes.get("lock_losses", []))
+        self.late_locks = list(attributes.get("late_locks", []))
         etf = getattr(model.config, "etf", None)
         layers = ETFConfig.from_dict(etf).layers if etf is not None else []
         fixed = set(layers) if isinstance(layers, list) else set()
@@ -415,7 +434,13 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
         ready = self.observe(report.ncc)
         logs: dict[str, float] = {}
         if ready and self._anneal is None:  # blocks that qualify during an anneal wait for the next check after it
-            logs.update(self._start_lock(ready, state.global_step))
+            if self._too_late(state):
+                self.late_locks.append({"blocks": ready, "step": state.global_step})
+                logger.warning("etf_hf: Adaptive-ETF: blocks %s qualify at step %d, but their lock would complete "
+                               "with less than %s steps of training left (of %d): not locked", ready, state.global_step,
+                               self._margin(state), state.max_steps)
+            else:
+                logs.update(self._start_lock(ready, state.global_step))
         self.history.append({"step": state.global_step, "epoch": state.epoch, "ncc": report.ncc})
         logs.update({f"etf/ncc/layer_{i}": value for i, value in enumerate(report.ncc)})
         depth = effective_depth(report.ncc, self.threshold, strict=True)
@@ -423,6 +448,17 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
         logs["etf/locked_blocks"] = len(self.locked)
         logs["etf/trainable_params"] = parameter_summary(model)["trainable"]
         self._log(logs)
+
+    def _margin(self, state: TrainerState) -> int:
+        """Steps of training a lock must leave after it: ``min_steps_after_lock``, or the check interval."""
+        if self.min_steps_after_lock is not None:
+            return self.min_steps_after_lock
+        previous = self.history[-1]["step"] if self.history else 0  # this check is not in history yet
+        return state.global_step - previous
+
+    def _too_late(self, state: TrainerState) -> bool:
+        """Whether a lock started now would complete with fewer than `_margin` steps of training left."""
+        return state.global_step + self.anneal_steps + self._margin(state) > state.max_steps
 
     def _log(self, logs: dict[str, float]) -> None:
         # Trainer.log clears control.should_log; keep a loss log pending for this step (checks made in

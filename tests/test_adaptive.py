@@ -117,6 +117,8 @@ def test_invalid_settings_are_refused(tmp_path):
                                                   "structured) or, to lock to a control, one of gaussian, zero, frozen"),
                             ({"rule": "paper"}, "rule='paper': choose 'effective_depth' (the paper's) or 'per_block'"),
                             ({"anneal_steps": -1}, "anneal_steps=-1: must be an int >= 0"),
+                            ({"min_steps_after_lock": -1}, "min_steps_after_lock=-1: must be an int >= 0"),
+                            ({"min_steps_after_lock": 2.5}, "min_steps_after_lock=2.5: must be an int >= 0"),
                             ({"smooth": "yes"}, "smooth='yes': must be true or false")):
         with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
             AdaptiveETFCallback(**kwargs)

@@ -3,7 +3,9 @@ tiny paper MLP (3 blocks of width 32, BatchNorm) and noisy synthetic classes (te
 
 Each run trains 40 SGD steps, then the callback locks every block at step 40 (checks every 20 steps, patience 1,
 NCC threshold 0.3); runs with the same seed are identical up to the lock, so their probe losses just before it
-are the same number and the losses just after it can be compared directly.
+are the same number and the losses just after it can be compared directly. The lock comes with (or, gradual,
+a few steps before) the end of training so that what is measured after it is the lock's own doing; that needs
+``min_steps_after_lock`` below its default of one check interval, which would refuse such a late lock.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ def train(tmp_path, steps: int = LOCK_STEP, **settings) -> tuple[Trainer, Adapti
                              max_steps=steps, learning_rate=0.05, optim="sgd", optim_args="momentum=0.9",
                              logging_steps=5, save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
     trainer = Trainer(model=tiny_mlp(), args=args, train_dataset=SeparableImages(320, seed=0, noise=6.0))
+    settings.setdefault("min_steps_after_lock", 0)
     callback = AdaptiveETFCallback(SeparableImages(128, seed=1, noise=6.0), threshold=0.3, patience=1, every=20,
                                    **settings).attach(trainer)
     spy = Spy(callback)
@@ -146,7 +149,7 @@ def test_gradual_lock_weight_equals_gain_times_frame_at_the_handover(tmp_path):
     for name, target in spy.targets.items():
         layer = trainer.model.get_submodule(name)
         assert torch.equal(layer.weight.detach(), target["target"])
-        assert float(layer.frame_norm) == pytest.approx(target["gain"], rel=1e-6)
+        assert float(layer.frame_norm.detach()) == pytest.approx(target["gain"], rel=1e-6)
 
 
 def test_resume_in_the_middle_of_a_gradual_lock_is_refused_with_the_way_out():
@@ -155,3 +158,23 @@ def test_resume_in_the_middle_of_a_gradual_lock_is_refused_with_the_way_out():
                                                            "annealing": {"0": 2}}}
     with pytest.raises(ValueError, match="middle of a gradual lock.*before that lock began or after it completed"):
         callback._restore(saved, tiny_mlp())
+
+
+def test_a_lock_with_no_training_left_after_it_does_not_fire_by_default(tmp_path, caplog):
+    """The blocks qualify at the last check (step 40 of 40): with the default margin (one check interval, 20
+    steps) nothing locks, the check is kept in ``late_locks`` and logged; the model ends with dense weights."""
+    with caplog.at_level("WARNING", logger="etf_hf"):
+        trainer, callback, _ = train(tmp_path, LOCK_STEP, min_steps_after_lock=None)
+    assert callback.locked == [] and callback.lock_losses == [] and etf_hf.etf_layers(trainer.model) == []
+    assert callback.late_locks == [{"blocks": [0, 1, 2], "step": LOCK_STEP}]
+    assert "qualify at step 40, but their lock would complete with less than 20 steps of training left" in caplog.text
+
+
+def test_a_gradual_lock_must_also_complete_a_check_interval_before_the_end(tmp_path):
+    """Starting at step 40, a 6-step anneal ends at 46: with 60 steps in all that leaves 14 < 20 (one check
+    interval) and it does not start (nor at the next check, step 60, the last); with 66 it leaves exactly 20
+    and runs."""
+    _, late, _ = train(tmp_path / "late", LOCK_STEP + 20, anneal_steps=6, min_steps_after_lock=None)
+    assert late.locked == [] and late.late_locks == [{"blocks": [0, 1, 2], "step": step} for step in (40, 60)]
+    _, timely, _ = train(tmp_path / "timely", LOCK_STEP + 26, anneal_steps=6, min_steps_after_lock=None)
+    assert timely.lock_steps == {0: LOCK_STEP + 6, 1: LOCK_STEP + 6, 2: LOCK_STEP + 6} and timely.late_locks == []
