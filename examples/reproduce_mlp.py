@@ -168,9 +168,10 @@ def train_one(mode: dict[str, Any], seed: int, config: dict[str, Any], datasets:
     lock_epochs = ({str(block): epoch_of_step(step) for block, step in sorted(monitor.lock_steps.items())}
                    if isinstance(monitor, AdaptiveETFCallback) else {})
     lock_losses = [{**entry, "epoch": epoch_of_step(entry["step"])} for entry in getattr(monitor, "lock_losses", [])]
+    late_locks = [{**entry, "epoch": epoch_of_step(entry["step"])} for entry in getattr(monitor, "late_locks", [])]
     return {"seed": seed, "adaptive": isinstance(monitor, AdaptiveETFCallback), "test_accuracy": accuracies[-1],
             "test_accuracy_per_epoch": accuracies, "trainable_params": etf_hf.parameter_summary(model)["trainable"],
-            "lock_epochs": lock_epochs, "lock_losses": lock_losses, "ncc_history": monitor.history,
+            "lock_epochs": lock_epochs, "lock_losses": lock_losses, "late_locks": late_locks, "ncc_history": monitor.history,
             "train_seconds": round(time.time() - started, 1)}
 
 
