@@ -74,6 +74,8 @@ def load_fashion_mnist(data: dict[str, Any]) -> tuple[dict[str, tuple[np.ndarray
     source = data["source"]
     if source == "digits":
         return _load_digits(), "scikit-learn digits (8 x 8; first 1,400 train, last 397 test)"
+    if source == "synthetic":
+        return _load_synthetic(), "scikit-learn make_classification (10 classes, 64 features; 8,000 train, 2,000 test)"
     files = debian_files() if source in ("auto", "debian") else None
     if source == "debian" and files is None:
         raise SystemExit("data.source=debian, but dataset-fashion-mnist is not installed (apt install dataset-fashion-mnist)")
@@ -104,6 +106,20 @@ def _load_digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     images = np.clip(np.rint(digits.images * 16), 0, 255).astype(np.uint8)  # 0..16 -> 0..255
     labels = digits.target.astype(np.int64)
     return {"train": (images[:1400], labels[:1400]), "test": (images[1400:], labels[1400:])}
+
+
+def _load_synthetic() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A second development set: 10 classes of 2 Gaussian clusters each in 64 dimensions (32 informative),
+    5 % of labels flipped -- not separable by class means at the input and never fully memorised early, so
+    that NCC rises with depth and the probe loss stays away from 0 (see adaptive_lock_dev_digits.md)."""
+    from sklearn.datasets import make_classification
+
+    features, labels = make_classification(n_samples=10_000, n_features=64, n_informative=32, n_redundant=0,
+                                           n_classes=10, n_clusters_per_class=2, class_sep=1.0, flip_y=0.05,
+                                           random_state=2026)
+    pixels = (features * 255).astype(np.float32)  # FashionDataset divides by 255; standardised after
+    labels = labels.astype(np.int64)
+    return {"train": (pixels[:8000], labels[:8000]), "test": (pixels[8000:], labels[8000:])}
 
 
 class FashionDataset(torch.utils.data.Dataset):
@@ -356,7 +372,7 @@ def main() -> None:
 
     splits, source = load_fashion_mnist(config["data"])
     train_pixels = splits["train"][0] / 255.0
-    scale = (MEAN, STD) if config["data"]["source"] != "digits" else (float(train_pixels.mean()), float(train_pixels.std()))
+    scale = (MEAN, STD) if config["data"]["source"] not in ("digits", "synthetic") else (float(train_pixels.mean()), float(train_pixels.std()))
     datasets = {split: FashionDataset(*arrays, *scale) for split, arrays in splits.items()}
     probe_images, probe_labels = (array[:config["data"]["probe_size"]] for array in splits["train"])
     datasets["probe"] = FashionDataset(probe_images, probe_labels, *scale)
