@@ -89,3 +89,23 @@ def test_vit_table_labels_controls_and_adds_rows_to_earlier_results(tmp_path: Pa
     assert list(rows) == ["full", "etf-orthogonal", "control-zero"]
     assert rows["etf-orthogonal"][1] == "ETF" and rows["control-zero"][1] == "control"
     assert "[" in rows["control-zero"][4] and "Test set: 2,000 images" in table
+
+
+def test_development_sets_load_with_their_documented_splits_and_run_the_lock_study(tmp_path: Path) -> None:
+    """configs/mlp_digits_dev.yaml and configs/mlp_synthetic_dev.yaml (docs/results/adaptive_lock_dev_digits.md):
+    the sets are deterministic, split as documented, and a tiny run of the dev config records late locks."""
+    pytest.importorskip("sklearn")
+    digits, _ = reproduce_mlp.load_fashion_mnist({"source": "digits"})
+    assert [len(digits[s][1]) for s in ("train", "test")] == [1400, 397] and digits["train"][0].shape[1:] == (8, 8)
+    assert digits["train"][0].dtype.name == "uint8" and digits["train"][0].max() == 255
+    synthetic, _ = reproduce_mlp.load_fashion_mnist({"source": "synthetic"})
+    again, _ = reproduce_mlp.load_fashion_mnist({"source": "synthetic"})
+    assert [len(synthetic[s][1]) for s in ("train", "test")] == [8000, 2000] and synthetic["train"][0].shape[1] == 64
+    assert (synthetic["train"][0] == again["train"][0]).all() and set(synthetic["train"][1].tolist()) == set(range(10))
+    run_script(str(REPO / "examples" / "reproduce_mlp.py"), "--config", str(REPO / "configs" / "mlp_digits_dev.yaml"),
+               "--set", "training.epochs=2", "seeds=[0]", "modes.1.adaptive.patience=1", "--modes", "adaptive",
+               "--output-dir", str(tmp_path))
+    [run] = json.loads((tmp_path / "metrics.json").read_text())["results"]["adaptive"]
+    # every block is above 0.9 from epoch 1 on digits, so with patience 1 all qualify at the last check (epoch 2,
+    # step 88): too late to lock, recorded instead
+    assert run["lock_epochs"] == {} and run["late_locks"] == [{"blocks": [0, 1, 2, 3], "step": 88, "epoch": 2.0}]
