@@ -254,7 +254,7 @@ def test_adaptive_etf_locks_nearest_blocks_under_a_fixed_head(tmp_path: Path) ->
     model = patch(tiny_mlp(layers=3), ETFConfig(head=True, layers=[]))
     head_frame = model.classifier.frame.clone()
     args = TrainingArguments(str(tmp_path / "run"), use_cpu=True, report_to="none", per_device_train_batch_size=16,
-                             max_steps=8, learning_rate=0.05, optim="sgd", save_strategy="no", disable_tqdm=True,
+                             max_steps=12, learning_rate=0.05, optim="sgd", save_strategy="no", disable_tqdm=True,
                              dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=SeparableImages(64, seed=0))
     callback = AdaptiveETFCallback(SeparableImages(64, seed=1), threshold=0.5, patience=1, every=4,

@@ -99,7 +99,7 @@ def test_sequence_classification_run_with_every_kind_of_mode(tmp_path: Path, cap
     adaptive = rows["adaptive"]                               # threshold 0: every block locks at the first check
     assert adaptive["adaptive"]["locked"] == [0, 1] and adaptive["etf"]["layers"] == [0, 1]
     assert adaptive["trainable_params_end"] < adaptive["trainable_params"] == full["trainable_params"]
-    assert len(adaptive["adaptive"]["ncc_history"]) == 3
+    assert len(adaptive["adaptive"]["ncc_history"]) == 3 and adaptive["adaptive"]["late_locks"] == []  # 1 step was left
     embedding = full["trainable_params_end"] - full["trainable_params_excl_embeddings"]
     assert embedding > 0 and embedding % 32 == 0                # the (vocab x 32) input embedding matrix
     assert rows["etf"]["trainable_params_excl_embeddings"] == rows["etf"]["trainable_params_end"] - embedding

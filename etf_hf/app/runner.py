@@ -386,7 +386,8 @@ def _mode_row(task: Task, mode: ModeSpec, model: Any, params: dict[str, int], tr
     if callback is not None:
         adaptive = {"settings": mode.adaptive, "locked": callback.locked,
                     "lock_steps": {str(block): step for block, step in callback.lock_steps.items()},
-                    "ncc_history": callback.history, "lock_losses": callback.lock_losses}
+                    "ncc_history": callback.history, "lock_losses": callback.lock_losses,
+                    "late_locks": callback.late_locks}
     return {
         "name": mode.name,
         "kind": mode.kind,
