@@ -2,9 +2,11 @@
 
 patch (here: the callback patches block by block) -> Trainer -> save -> reload -> compare.
 `AdaptiveETFCallback` measures each hidden block's nearest-class-mean (NCC) accuracy on a probe set
-every few steps; a block whose NCC stays >= the threshold for ``patience`` checks is locked to the ETF
-nearest its current weight (``basis="nearest"``: the smallest change to what it computes). The locks
-are written to ``config.etf``, so the saved model reloads with the same blocks fixed.
+every few steps; a block is locked once it and every block after it (the effective depth) have had NCC
+strictly above the threshold for more than ``patience`` checks in a row, to the ETF nearest its current
+weight (``basis="nearest"``: the smallest change to what it computes; smooth by default), unless less than
+one check interval of training would be left after it. The locks are written to ``config.etf``, so the
+saved model reloads with the same blocks fixed.
 
 Data: the Fashion-MNIST subset in ../shared/data/fashion_mnist when present, else scikit-learn's 8x8
 digits. (`examples/reproduce_mlp.py` is the full multi-seed reproduction.)
