@@ -243,7 +243,8 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
 
     def __init__(self, probe: Any = None, *, threshold: float = 0.9, patience: int = 5, every: str | int = "eval",
                  rule: str = "effective_depth", basis: str = "nearest", smooth: bool = True, anneal_steps: int = 0,
-                 min_steps_after_lock: int | None = None, num_classes: int | None = None, pooling: str = "auto", batch_size: int = 256) -> None:
+                 min_steps_after_lock: int | None = None, num_classes: int | None = None, pooling: str = "auto",
+                 batch_size: int = 256) -> None:
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold={threshold}: an NCC accuracy threshold lies in [0, 1]")
         if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
