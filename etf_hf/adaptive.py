@@ -478,7 +478,11 @@ class AdaptiveETFCallback(TrainerCallback, ExportableState):
         if _distributed():
             probe = Subset(probe, range(dist.get_rank(), len(probe), dist.get_world_size()))
         collate: Callable | None = self._trainer.data_collator
-        return DataLoader(probe, batch_size=self.batch_size, shuffle=False, collate_fn=collate)
+        # Its own generator: a DataLoader without one draws its base seed from the global torch RNG at every
+        # iteration, which would shift the dropout masks of the training that follows, so that a run with the
+        # callback would differ from one without it before any lock.
+        return DataLoader(probe, batch_size=self.batch_size, shuffle=False, collate_fn=collate,
+                          generator=torch.Generator())
 
     # ---- the lock -----------------------------------------------------------------------------------
 

@@ -178,3 +178,33 @@ def test_a_gradual_lock_must_also_complete_a_check_interval_before_the_end(tmp_p
     assert late.locked == [] and late.late_locks == [{"blocks": [0, 1, 2], "step": step} for step in (40, 60)]
     _, timely, _ = train(tmp_path / "timely", LOCK_STEP + 26, anneal_steps=6, min_steps_after_lock=None)
     assert timely.lock_steps == {0: LOCK_STEP + 6, 1: LOCK_STEP + 6, 2: LOCK_STEP + 6} and timely.late_locks == []
+
+
+class RandomState(TrainerCallback):
+    """The global torch RNG state after each step (after the checks of callbacks registered before it)."""
+
+    def __init__(self) -> None:
+        self.states: list[torch.Tensor] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.states.append(torch.random.get_rng_state())
+
+
+def test_checks_leave_the_global_random_state_alone_so_nothing_changes_before_a_lock(tmp_path):
+    """Dropout draws from the global RNG: a check that advanced it would make a run with the callback differ
+    from one without it before any lock (seen on MiniLM). Threshold 1: nothing ever locks here."""
+    recorded = []
+    for adaptive in (True, False):
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=6,
+                                 per_device_train_batch_size=16, save_strategy="no", disable_tqdm=True, seed=0,
+                                 dataloader_num_workers=0)
+        trainer = Trainer(model=tiny_mlp(), args=args, train_dataset=SeparableImages(96, seed=0))
+        if adaptive:
+            callback = AdaptiveETFCallback(SeparableImages(64, seed=1), threshold=1.0, patience=1, every=2,
+                                           batch_size=16).attach(trainer)
+        spy = RandomState()
+        trainer.add_callback(spy)
+        trainer.train()
+        recorded.append(spy.states)
+    assert len(callback.history) == 3 and callback.locked == []
+    assert all(torch.equal(a, b) for a, b in zip(*recorded)) and len(recorded[0]) == len(recorded[1]) == 6
