@@ -40,6 +40,19 @@ def _on(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _forward_all(model: nn.Module, batches: Iterable[Mapping[str, Any]], training: bool) -> None:
+    """One no-grad forward of every batch with the model in train or eval mode, its mode restored after
+    (what the probe statistics and the BatchNorm refresh both need)."""
+    was_training = model.training
+    model.train(training)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**_on(batch, _device(model)))
+    finally:
+        model.train(was_training)
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -66,16 +79,11 @@ def input_moments(model: nn.Module, layers: Mapping[str, nn.Module], batches: It
         return record
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            for batch in batches:
-                model(**_on(batch, _device(model)))
+        _forward_all(model, batches, training=False)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     moments = {}
     for name, (count, total, outer) in sums.items():
         if reduce_fn is not None:
@@ -145,19 +153,14 @@ def refresh_batch_norm(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -
     if not norms:
         return 0
     momenta = [m.momentum for m in norms]
-    was_training = model.training
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None
-    model.train()
     try:
-        with torch.no_grad():
-            for batch in batches:
-                model(**_on(batch, _device(model)))
+        _forward_all(model, batches, training=True)
     finally:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
-        model.train(was_training)
     return len(norms)
 
 
