@@ -102,6 +102,10 @@ def main() -> None:
             raise SystemExit(f"the reloaded model computes different logits (max difference {difference:.3g})")
         # Sharing it from rank 0 only (needs `huggingface-cli login`):
         #   model.push_to_hub("your-name/vit-etf-digits-ddp")
+    # Every rank leaves together and closes the process group: a rank that exits while another still
+    # holds the group can abort in gloo's threads ("terminate called without an active exception").
+    trainer.accelerator.wait_for_everyone()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

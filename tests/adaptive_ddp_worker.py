@@ -110,6 +110,10 @@ def main() -> None:
         "ddp_reduces_count": len(wrapped._module_parameters),
     }
     torch.save(record, options.outdir / f"rank{dist.get_rank()}.pt")
+    # leave together and close the group: a rank exiting while the other still holds it can abort in
+    # gloo's threads (seen once: "terminate called without an active exception", a flaky failure)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
