@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from typing import NamedTuple
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -507,29 +509,122 @@ def structured_operator(plan: StructuredPlan, max_factor: int = FAST_MAX_FACTOR)
 
 def _fast_hadamard(z: torch.Tensor, factors: tuple[int, ...], matrices: dict[int, torch.Tensor]) -> torch.Tensor:
     """(b, N) -> H_b @ z, *unnormalised* (+-1 entries; `input_scales` carries each block's 1/sqrt(b)): one
-    (batched) GEMM per Kronecker factor (``matrices[f]`` = H_f), no transposes, no per-factor scaling op."""
+    GEMM per Kronecker factor (``matrices[f]`` = H_f), no transposes, no per-factor scaling op. The first
+    factor is a plain ``mm`` (the broadcast batched matmul's expand and reshapes cost more than the GEMM
+    itself on a batch-1 decoding step)."""
     block, cols = z.shape
     before = 1
     for f in factors:
-        z = torch.matmul(matrices[f], z.reshape(before, f, -1))
+        z = torch.mm(matrices[f], z.reshape(f, -1)) if before == 1 else torch.matmul(matrices[f], z.reshape(before, f, -1))
         before *= f
     return z.reshape(block, cols)
 
 
+_SANDWICH_MAX_ROWS = 256
+
+
+def _sandwich(blocks: tuple[int, ...]) -> int | None:
+    """c of the single-column transform (`_Derived.sandwich`), or None where it does not apply: the largest
+    power of two <= sqrt(largest block) that divides every block, if the left matrix (D/c wide) stays
+    small (<= 256); odd D (a block of 1) keeps the Kronecker factors."""
+    cols = min(1 << (max(blocks).bit_length() - 1) // 2, min(blocks))
+    return cols if cols > 1 and sum(blocks) // cols <= _SANDWICH_MAX_ROWS else None
+
+
+class _Derived(NamedTuple):
+    """What every application of an operator in one dtype needs besides its index tensors."""
+
+    scales: torch.Tensor  # (m,): `input_scales`
+    scale_column: torch.Tensor  # (m, 1): the same, for feature-major rows
+    matrices: dict[int, torch.Tensor]  # Kronecker factor size -> its Sylvester matrix, in the dtype
+    #: (c, L, H_c) for a single column (N = 1: one token, as in batch-1 generation): z (D,) viewed as
+    #: Z (D/c, c) has every block b as its own b/c consecutive rows, so BlockHadamard z = L Z H_c with
+    #: L = blockdiag(H_(b/c)) (H_b = H_(b/c) (x) H_c, Sylvester matrices symmetric): two small GEMMs for
+    #: the whole transform, where the factors take one per factor and block plus a concatenation. Their
+    #: extra multiply-adds are nothing at one column; the dispatches they save are most of the cost there.
+    #: None: no such c (`_sandwich`).
+    sandwich: tuple[int, torch.Tensor, torch.Tensor] | None
+
+
+#: id(first key tensor) -> {tag: (weak references to the key tensors, their versions, value)}: `memoised`.
+_MEMO: dict[int, dict[Hashable, tuple[tuple[weakref.ref, ...], tuple[int, ...], Any]]] = {}
+
+
+def memoised(tensors: tuple[torch.Tensor, ...], tag: Hashable, compute: Callable[[], Any]) -> Any:
+    """``compute()``, computed once for as long as ``tensors`` stay the same tensors with the same contents.
+
+    For values derived from fixed buffers (a structured operator's scales, factor matrices, composite
+    orders) that would otherwise be rebuilt on every call: at batch 1 (one generated token) rebuilding
+    them took longer than the GEMMs they feed. An entry holds weak references to ``tensors`` and their
+    in-place versions: a buffer replaced (``model.to``) or rewritten in place (a reload, `reset_frame`)
+    recomputes it, and it goes when the first tensor does (a finalizer; not a WeakKeyDictionary, which
+    compares keys with ``==``, elementwise for tensors). A write through ``.data`` bumps no version and
+    would go unseen: key only tensors nothing rewrites that way (fixed buffers, which etf_hf rewrites
+    only through `reset_frame`), never trainable parameters (gradcheck and old-style optimizers write
+    them through ``.data``). Under torch.compile ``compute()`` runs in the graph instead (no cache to
+    guard; constants fold).
+    """
+    if torch.compiler.is_compiling():
+        return compute()
+    versions = tuple(t._version for t in tensors)
+    entries = _MEMO.get(id(tensors[0]))
+    if entries is None:
+        entries = _MEMO[id(tensors[0])] = {}
+        weakref.finalize(tensors[0], _MEMO.pop, id(tensors[0]), None)
+    cached = entries.get(tag)
+    if cached is None or cached[1] != versions or any(ref() is not t for ref, t in zip(cached[0], tensors)):
+        cached = entries[tag] = (tuple(map(weakref.ref, tensors)), versions, compute())
+    return cached[2]
+
+
+def _derived(op: StructuredOperator, dtype: torch.dtype) -> _Derived:
+    """`input_scales` and the factor matrices of ``op`` in ``dtype``, once per operator buffer and dtype
+    (`memoised`; ~20 us of a GPT-2-small FFN's ~240 us at batch 1 when rebuilt per call)."""
+    return memoised((op.signs, op.index, op.hadamard), ("derived", dtype), lambda: _derive(op, dtype))
+
+
+def _derive(op: StructuredOperator, dtype: torch.dtype) -> _Derived:
+    """The factor matrices: the layout's and the single-column sandwich's, all from ``op.hadamard``."""
+    hadamard = op.hadamard.to(dtype)
+    sizes = sorted({f for block_factors in op.layout[4] for f in block_factors})
+    blocks = op.layout[3]
+    cols = _sandwich(blocks)
+    sandwich = None if cols is None else (
+        cols, torch.block_diag(*(_sylvester_from(hadamard, block // cols) for block in blocks)),
+        _sylvester_from(hadamard, cols))
+    scales = _input_scales(op, dtype)
+    return _Derived(scales, scales[:, None], {size: _sylvester_from(hadamard, size) for size in sizes}, sandwich)
+
+
+def _sylvester_from(hadamard: torch.Tensor, size: int) -> torch.Tensor:
+    """H_size from the F x F Sylvester matrix ``hadamard``: a leading slice, or Kronecker products of
+    slices (H_ab = H_a (x) H_b) for sizes above F; on its device and in its dtype, traceable."""
+    largest = hadamard.shape[0]
+    out = hadamard[:min(size, largest), :min(size, largest)]
+    while out.shape[0] < size:
+        step = min(largest, size // out.shape[0])
+        out = torch.kron(out, hadamard[:step, :step])
+    return out.contiguous()
+
+
 def _fast_blocks(rows: torch.Tensor, source: torch.Tensor | None, op: StructuredOperator) -> torch.Tensor:
-    """(D, N) = unnormalised BlockHadamard @ rows[source] (``source`` None: rows as they are): each block
-    gathers its rows and is transformed on its own.
+    """(D, N) = unnormalised BlockHadamard @ rows[source] (``source`` None: rows as they are): one row
+    gather, then each block (a row slice) transformed on its own, or a single column in two GEMMs for
+    all blocks (`_Derived.sandwich`).
 
     A Python loop over the blocks of the binary decomposition of D: one block when D is a power of two
     (every FFN of width 2^k), never more than log2(D) + 1, and static (unrolled by torch.compile).
     """
     blocks, factors = op.layout[3], op.layout[4]
-    hadamard = op.hadamard.to(rows.dtype)
-    matrices = {f: hadamard[:f, :f] for f in sorted({f for fs in factors for f in fs})}  # each size sliced once
+    derived = _derived(op, rows.dtype)
+    if source is not None:
+        rows = rows.index_select(0, source)  # one gather for every block: each block is then a row slice
+    if rows.shape[1] == 1 and derived.sandwich is not None:
+        cols, left, right = derived.sandwich
+        return torch.mm(left, torch.mm(rows.reshape(-1, cols), right)).reshape(-1, 1)
     parts, offset = [], 0
     for block, block_factors in zip(blocks, factors):
-        part = rows[offset:offset + block] if source is None else rows.index_select(0, source[offset:offset + block])
-        parts.append(_fast_hadamard(part, block_factors, matrices))
+        parts.append(_fast_hadamard(rows[offset:offset + block], block_factors, derived.matrices))
         offset += block
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -541,6 +636,10 @@ def input_scales(op: StructuredOperator, dtype: torch.dtype) -> torch.Tensor:
     on the narrow (m-wide) side that the signs need anyway: the fast transform then multiplies by +-1
     matrices only, with no scaling op per Kronecker factor (at batch 1 those ops cost more than the GEMMs).
     """
+    return _derived(op, dtype).scales
+
+
+def _input_scales(op: StructuredOperator, dtype: torch.dtype) -> torch.Tensor:
     blocks = op.layout[3]
     scale = structured_scale(op)
     signs = op.signs.to(dtype)
@@ -558,9 +657,12 @@ def spread_rows(rows: torch.Tensor, op: StructuredOperator, order: torch.Tensor 
     not applied). Output row i is Hadamard coordinate ``order[i]``: ``op.perm`` gives the frame's own
     rows; another order lets a caller keep a hidden activation in one frame's Hadamard coordinates
     (`etf_hf.ffn`), None leaves this frame's Hadamard coordinates (no gather)."""
-    padded = rows.new_empty(rows.shape[0] + 1, rows.shape[1])  # copy_ transposes ~4x faster than cat
-    padded[:-1].copy_(rows)
-    padded[-1].zero_()
+    if rows.shape[1] == 1:  # one column (batch-1 decoding): one op instead of three
+        padded = torch.nn.functional.pad(rows, (0, 0, 0, 1))
+    else:
+        padded = rows.new_empty(rows.shape[0] + 1, rows.shape[1])  # copy_ transposes ~4x faster than cat
+        padded[:-1].copy_(rows)
+        padded[-1].zero_()
     out = _fast_blocks(padded, op.spread, op)
     return out if order is None else out.index_select(0, order)
 
@@ -594,7 +696,7 @@ def structured_rows_apply_t(y: torch.Tensor, op: StructuredOperator, order: torc
     ``order``: which column of y each Hadamard coordinate reads (`collect_rows`; default ``op.inverse``,
     M's own rows); ``hadamard_order``: y's columns are already M's Hadamard coordinates (no gather)."""
     source = None if hadamard_order else (op.inverse if order is None else order)
-    rows = collect_rows(y.t().contiguous(), op, source) * input_scales(op, y.dtype)[:, None]
+    rows = collect_rows(y.t().contiguous(), op, source) * _derived(op, y.dtype).scale_column
     if op.layout[2]:
         return _helmert_apply_t(rows.t())
     return (rows - rows.mean(0, keepdim=True)).t()

@@ -39,13 +39,19 @@ def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def in_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``, without a call when it already is: a same-dtype ``.to`` still costs a
+    dispatch, and a batch-1 decoding step is made of such costs."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def affine(pre_gain: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """gain * pre_gain + bias in ``dtype``: one pass over the output (addcmul), not two (a product, then a
     sum). Every fixed-frame path (per-projection, fused forward, fused backward's recompute) computes its
     output through this one function, so they round alike."""
     if bias is None:
-        return pre_gain * gain.to(dtype)
-    return torch.addcmul(bias.to(dtype), pre_gain, gain.to(dtype))
+        return pre_gain * in_dtype(gain, dtype)
+    return torch.addcmul(in_dtype(bias, dtype), pre_gain, in_dtype(gain, dtype))
 
 
 def inner_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -288,6 +288,47 @@ def test_fast_operator_equals_the_dense_frame_for_any_kronecker_split(num_vector
     assert torch.allclose(structured_apply_t(y, op32), y @ frame, atol=1e-5)
 
 
+@pytest.mark.parametrize("max_factor", [2, 16, 64])
+@pytest.mark.parametrize("num_vectors,dim", SHAPES)
+def test_single_column_sandwich_equals_the_dense_frame(num_vectors: int, dim: int, max_factor: int) -> None:
+    """One row (a batch-1 decoding step) takes the two-GEMM sandwich L Z H_c for all Hadamard blocks at once
+    (where it applies; odd D keeps the Kronecker factors): the same frame (fp32 to 1e-5), in both
+    directions, and the same as that row inside a batch."""
+    plan = structured_plan(num_vectors, dim, seed=4)
+    op32 = structured_operator(plan, max_factor)
+    op32 = op32._replace(signs=op32.signs.float(), hadamard=op32.hadamard.float())
+    frame = structured_dense(plan, torch.float32)
+    x = torch.randn(5, num_vectors)
+    y = torch.randn(5, dim)
+    assert torch.allclose(structured_apply(x[:1], op32), x[:1] @ frame.t(), atol=1e-5)
+    assert torch.allclose(structured_apply_t(y[:1], op32), y[:1] @ frame, atol=1e-5)
+    assert torch.allclose(structured_apply(x[:1], op32), structured_apply(x, op32)[:1], atol=1e-5)
+
+
+def test_derived_scales_and_matrices_follow_the_operator_buffers() -> None:
+    """The per-operator cache of scales and factor matrices (`etf_hf.etf._derived`) never serves stale
+    values: a buffer rewritten in place (signs negated: the frame negated) is seen at the next call, a
+    second dtype gets its own entry, and an entry goes with its buffer."""
+    import gc
+
+    from etf_hf import etf
+
+    plan = structured_plan(48, 192, seed=4)
+    operator = structured_operator(plan)
+    op = operator._replace(signs=operator.signs.float(), hadamard=operator.hadamard.float())
+    x = torch.randn(3, 48)
+    before = structured_apply(x, op)
+    with torch.no_grad():
+        op.signs.neg_()
+    assert torch.equal(structured_apply(x, op), -before)
+    assert torch.allclose(structured_apply(x.double(), op), -before.double(), atol=1e-6)
+    assert {tag[1] for tag in etf._MEMO[id(op.signs)] if tag[0] == "derived"} == {torch.float32, torch.float64}
+    key = id(op.signs)
+    del op, operator
+    gc.collect()
+    assert key not in etf._MEMO
+
+
 def test_fast_path_activates_every_hidden_unit_at_ffn_size() -> None:
     """Measured with the fast path itself: a 512 -> 2048 up-projection (one 2048-wide Hadamard block, no
     narrow blocks) gives every hidden unit input (no unit sees only its bias), and GELU of the hidden
