@@ -296,6 +296,20 @@ def test_compile_fullgraph(name: str) -> None:
     assert torch.allclose(out, expected, atol=1e-6) and torch.allclose(grad, x.grad, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_compile_fullgraph_one_token_decoding() -> None:
+    """A batch-1 decoding step (one row: the single-column transform, its matrices from `etf.memoised`,
+    which computes them in the graph while compiling) compiles without a graph break and gives the eager
+    values; eager calls before and after it use the cache."""
+    model = patched("gpt2", "structured")
+    mlp = mlps(model)[0]
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad():
+        expected = mlp(x)
+        out = torch.compile(mlp, fullgraph=True, backend="aot_eager")(x)
+        assert torch.allclose(out, expected, atol=1e-6) and torch.equal(mlp(x), expected)
+
+
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_no_grad_forward_skips_autograd_and_equals_the_training_forward(name: str, monkeypatch) -> None:
     """Inference (no_grad / inference_mode, e.g. generate()) runs the same forward without the autograd
