@@ -573,7 +573,11 @@ def memoised(tensors: tuple[torch.Tensor, ...], tag: Hashable, compute: Callable
         weakref.finalize(tensors[0], _MEMO.pop, id(tensors[0]), None)
     cached = entries.get(tag)
     if cached is None or cached[1] != versions or any(ref() is not t for ref, t in zip(cached[0], tensors)):
-        cached = entries[tag] = (tuple(map(weakref.ref, tensors)), versions, compute())
+        # Ordinary tensors even when first asked for under inference_mode (generate() before training):
+        # an inference tensor may not be saved for backward by a later differentiable call.
+        with torch.inference_mode(False), torch.no_grad():
+            value = compute()
+        cached = entries[tag] = (tuple(map(weakref.ref, tensors)), versions, value)
     return cached[2]
 
 

@@ -296,6 +296,22 @@ def test_compile_fullgraph(name: str) -> None:
     assert torch.allclose(out, expected, atol=1e-6) and torch.allclose(grad, x.grad, atol=1e-6)
 
 
+def test_training_after_inference_mode() -> None:
+    """generate() (inference_mode, one-token steps) before training: the values the FFN caches on that first
+    call are ordinary tensors, so the training step that follows runs and gives the gradients a model that
+    never ran in inference mode gives."""
+    inputs = model_inputs("gpt2")
+    fresh = patched("gpt2", "structured")
+    used = copy.deepcopy(fresh)
+    with torch.inference_mode():
+        used(**inputs)
+        used(input_ids=inputs["input_ids"][:1, :1])
+    for model in (fresh, used):
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    for (name, a), (_, b) in zip(fresh.named_parameters(), used.named_parameters()):
+        assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad)), name
+
+
 @pytest.mark.slow
 def test_compile_fullgraph_one_token_decoding() -> None:
     """A batch-1 decoding step (one row: the single-column transform, its matrices from `etf.memoised`,

@@ -329,6 +329,22 @@ def test_derived_scales_and_matrices_follow_the_operator_buffers() -> None:
     assert key not in etf._MEMO
 
 
+def test_values_cached_under_inference_mode_serve_a_later_backward() -> None:
+    """The cache's first call may come from generate() (inference_mode); a later differentiable call (a
+    training step, the plain functions) must still be able to save what it reads for backward."""
+    operator = structured_operator(structured_plan(16, 64, seed=1))
+    op = operator._replace(signs=operator.signs.float(), hadamard=operator.hadamard.float())
+    with torch.inference_mode():
+        structured_apply(torch.randn(3, 16), op)
+        structured_apply(torch.randn(1, 16), op)
+    x = torch.randn(3, 16, requires_grad=True)
+    one = torch.randn(1, 16, requires_grad=True)
+    (structured_apply(x, op).square().sum() + structured_apply(one, op).square().sum()).backward()
+    frame = structured_dense(structured_plan(16, 64, seed=1), torch.float32)
+    assert torch.allclose(x.grad, 2 * x @ frame.t() @ frame, atol=1e-5)
+    assert torch.allclose(one.grad, 2 * one @ frame.t() @ frame, atol=1e-5)
+
+
 def test_fast_path_activates_every_hidden_unit_at_ffn_size() -> None:
     """Measured with the fast path itself: a 512 -> 2048 up-projection (one 2048-wide Hadamard block, no
     narrow blocks) gives every hidden unit input (no unit sees only its bias), and GELU of the hidden
