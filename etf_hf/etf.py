@@ -535,7 +535,7 @@ class _Derived(NamedTuple):
     """What every application of an operator in one dtype needs besides its index tensors."""
 
     scales: torch.Tensor  # (m,): `input_scales`
-    scale_column: torch.Tensor  # (m, 1): the same, for feature-major rows
+    scale_column: torch.Tensor  # (m, 1): the same view, made once (a dispatch fewer per call)
     matrices: dict[int, torch.Tensor]  # Kronecker factor size -> its Sylvester matrix, in the dtype
     #: (c, L, H_c) for a single column (N = 1: one token, as in batch-1 generation): z (D,) viewed as
     #: Z (D/c, c) has every block b as its own b/c consecutive rows, so BlockHadamard z = L Z H_c with
@@ -596,7 +596,7 @@ def _derive(op: StructuredOperator, dtype: torch.dtype) -> _Derived:
     sandwich = None if cols is None else (
         cols, torch.block_diag(*(_sylvester_from(hadamard, block // cols) for block in blocks)),
         _sylvester_from(hadamard, cols))
-    scales = _input_scales(op, dtype)
+    scales = input_scales(op, dtype)
     return _Derived(scales, scales[:, None], {size: _sylvester_from(hadamard, size) for size in sizes}, sandwich)
 
 
@@ -611,7 +611,8 @@ def _sylvester_from(hadamard: torch.Tensor, size: int) -> torch.Tensor:
     return out.contiguous()
 
 
-def _fast_blocks(rows: torch.Tensor, source: torch.Tensor | None, op: StructuredOperator) -> torch.Tensor:
+def _fast_blocks(rows: torch.Tensor, source: torch.Tensor | None, op: StructuredOperator,
+                 derived: _Derived) -> torch.Tensor:
     """(D, N) = unnormalised BlockHadamard @ rows[source] (``source`` None: rows as they are): one row
     gather, then each block (a row slice) transformed on its own, or a single column in two GEMMs for
     all blocks (`_Derived.sandwich`).
@@ -620,7 +621,6 @@ def _fast_blocks(rows: torch.Tensor, source: torch.Tensor | None, op: Structured
     (every FFN of width 2^k), never more than log2(D) + 1, and static (unrolled by torch.compile).
     """
     blocks, factors = op.layout[3], op.layout[4]
-    derived = _derived(op, rows.dtype)
     if source is not None:
         rows = rows.index_select(0, source)  # one gather for every block: each block is then a row slice
     if rows.shape[1] == 1 and derived.sandwich is not None:
@@ -639,11 +639,8 @@ def input_scales(op: StructuredOperator, dtype: torch.dtype) -> torch.Tensor:
     The normalisations of the orthonormal block Hadamard transform, folded into the one multiplication
     on the narrow (m-wide) side that the signs need anyway: the fast transform then multiplies by +-1
     matrices only, with no scaling op per Kronecker factor (at batch 1 those ops cost more than the GEMMs).
+    Computed once per operator and dtype by `_derived`.
     """
-    return _derived(op, dtype).scales
-
-
-def _input_scales(op: StructuredOperator, dtype: torch.dtype) -> torch.Tensor:
     blocks = op.layout[3]
     scale = structured_scale(op)
     signs = op.signs.to(dtype)
@@ -656,7 +653,7 @@ def _input_scales(op: StructuredOperator, dtype: torch.dtype) -> torch.Tensor:
     return scaled
 
 
-def spread_rows(rows: torch.Tensor, op: StructuredOperator, order: torch.Tensor | None) -> torch.Tensor:
+def spread_rows(rows: torch.Tensor, op: StructuredOperator, order: torch.Tensor | None, derived: _Derived) -> torch.Tensor:
     """(m, N) -> (D, N): Perm_out . BlockHadamard . Embed, feature-major (signs and scales, `input_scales`,
     not applied). Output row i is Hadamard coordinate ``order[i]``: ``op.perm`` gives the frame's own
     rows; another order lets a caller keep a hidden activation in one frame's Hadamard coordinates
@@ -667,14 +664,14 @@ def spread_rows(rows: torch.Tensor, op: StructuredOperator, order: torch.Tensor 
         padded = rows.new_empty(rows.shape[0] + 1, rows.shape[1])  # copy_ transposes ~4x faster than cat
         padded[:-1].copy_(rows)
         padded[-1].zero_()
-    out = _fast_blocks(padded, op.spread, op)
+    out = _fast_blocks(padded, op.spread, op, derived)
     return out if order is None else out.index_select(0, order)
 
 
-def collect_rows(rows: torch.Tensor, op: StructuredOperator, order: torch.Tensor | None) -> torch.Tensor:
+def collect_rows(rows: torch.Tensor, op: StructuredOperator, order: torch.Tensor | None, derived: _Derived) -> torch.Tensor:
     """(D, N) -> (m, N): the transpose of `spread_rows`, feature-major. Hadamard coordinate j reads row
     ``order[j]`` (``op.inverse`` for the frame's own rows; None: the rows are Hadamard coordinates)."""
-    return _fast_blocks(rows, order, op).index_select(0, op.index)
+    return _fast_blocks(rows, order, op, derived).index_select(0, op.index)
 
 
 def structured_scale(op: StructuredOperator) -> float:
@@ -690,7 +687,8 @@ def structured_rows_apply(x: torch.Tensor, op: StructuredOperator, order: torch.
     ``hadamard_order``: leave the columns in M's Hadamard coordinates (no gather)."""
     inputs = _helmert_apply(x) if op.layout[2] else x - x.mean(-1, keepdim=True)
     target = None if hadamard_order else (op.perm if order is None else order)
-    return spread_rows((inputs * input_scales(op, x.dtype)).t(), op, target).t()
+    derived = _derived(op, x.dtype)
+    return spread_rows((inputs * derived.scales).t(), op, target, derived).t()
 
 
 def structured_rows_apply_t(y: torch.Tensor, op: StructuredOperator, order: torch.Tensor | None = None,
@@ -700,7 +698,8 @@ def structured_rows_apply_t(y: torch.Tensor, op: StructuredOperator, order: torc
     ``order``: which column of y each Hadamard coordinate reads (`collect_rows`; default ``op.inverse``,
     M's own rows); ``hadamard_order``: y's columns are already M's Hadamard coordinates (no gather)."""
     source = None if hadamard_order else (op.inverse if order is None else order)
-    rows = collect_rows(y.t().contiguous(), op, source) * _derived(op, y.dtype).scale_column
+    derived = _derived(op, y.dtype)
+    rows = collect_rows(y.t().contiguous(), op, source, derived) * derived.scale_column
     if op.layout[2]:
         return _helmert_apply_t(rows.t())
     return (rows - rows.mean(0, keepdim=True)).t()

@@ -181,7 +181,7 @@ def _hidden_orders(ups: list[_Frame], down: _Frame, adjoints: bool) -> _HiddenOr
         and down.transposed
     if not merged:
         return _HiddenOrders([(None, None)] * (len(ups) + 1), None, None)
-    permutations = tuple(t for frame in (*ups, down) for t in (frame.operator.perm, frame.operator.inverse))
+    permutations = tuple(t for op in (frame.operator for frame in (*ups, down)) for t in (op.perm, op.inverse))
     return memoised(permutations, ("hidden orders", adjoints), lambda: _composite_orders(ups, down, adjoints))
 
 
@@ -224,11 +224,6 @@ def _unflatten(spec: FusedSpec, operands: tuple) -> tuple[list[_Frame], list[int
     return frames, gain_at, bias_at
 
 
-def _affine(pre: torch.Tensor, frame: _Frame, dtype: torch.dtype) -> torch.Tensor:
-    """gain * pre + bias in one pass (`affine`, as the per-projection layers compute it)."""
-    return affine(pre, frame.gain, frame.bias, dtype)
-
-
 def fused_forward(x: torch.Tensor, spec: FusedSpec, operands: tuple) -> tuple[torch.Tensor, torch.dtype, list[_Frame], list]:
     """The fused FFN's output (and its compute dtype, frames and the up-projections' pre-gain outputs),
     without autograd: the whole forward when no gradient is wanted (inference, ``generate()``), where
@@ -247,7 +242,7 @@ def fused_forward(x: torch.Tensor, spec: FusedSpec, operands: tuple) -> tuple[to
             activated = _activate(kind, hidden[0]) * hidden[1]
         else:
             activated = _activate(kind, hidden[0])
-        out = _affine(down.project(activated, orders.frames[-1][0]), down, dtype).contiguous()
+        out = affine(down.project(activated, orders.frames[-1][0]), down.gain, down.bias, dtype).contiguous()
     return out.reshape(*x.shape[:-1], out.shape[-1]), dtype, frames, pres
 
 
@@ -287,13 +282,13 @@ class _FusedFeedForward(torch.autograd.Function):
         # transform). The down gain is factored out of the hidden gradient and applied to the narrow
         # side instead, and the up gain's gradient is <up adjoint, x> on the narrow side too.
         with torch.autocast(x.device.type, enabled=False):
-            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            flat = in_dtype(x.reshape(-1, x.shape[-1]), dtype)
             if spec.recompute:
                 pres = [frame.project(flat, order) for frame, (order, _) in zip(ups, orders.frames)]
             else:
                 pres = list(saved[1 + count:])
             hidden = [affine(pre, frame.gain, _to_lead(frame.bias, orders), dtype) for pre, frame in zip(pres, ups)]
-            grad = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+            grad = in_dtype(grad_out.reshape(-1, grad_out.shape[-1]), dtype)
             if down.bias is not None and needs[bias_at[-1]]:
                 grads[bias_at[-1]] = column_sums(grad).to(down.bias.dtype)
             back = down.adjoint(grad, orders.frames[-1][1])

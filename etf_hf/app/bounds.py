@@ -156,5 +156,9 @@ def _bound_activation(mlp: nn.Module, mode: str) -> None:
         setattr(mlp, form.activation, nn.Identity())
         return
     kind = activation_kind(getattr(mlp, form.activation))
-    if kind is not None and kernel_kind(kind) == "gelu_tanh" and kind != "gelu_tanh":
-        setattr(mlp, form.activation, nn.GELU(approximate="tanh"))
+    if kind is not None and kernel_kind(kind) != kind:
+        setattr(mlp, form.activation, _KERNEL_MODULES[kernel_kind(kind)]())
+
+
+#: The module computing each kernel kind `etf_hf.ffn.KERNEL_KIND` maps an activation to.
+_KERNEL_MODULES = {"gelu_tanh": lambda: nn.GELU(approximate="tanh")}
