@@ -18,7 +18,8 @@ from transformers.pytorch_utils import Conv1D
 from etf_hf import ETFConfig, patch, resolve
 from etf_hf.app import treatments
 from etf_hf.app.bench import (Settings, _child_command, _densify_structured, add_ratios, apply_mode, build_parser,
-                              lora_available, main, markdown, run_benchmark, saved_activation_bytes, treatment)
+                              lora_available, main, markdown, run_benchmark, saved_activation_bytes, tensor_peak_bytes,
+                              treatment)
 from etf_hf.app.bounds import BiasOnly, BroadcastHidden, LeadingUnits, replace_ffn
 from etf_hf.app.recipe import ConfigError
 from etf_hf.architectures import find_slots
@@ -76,12 +77,19 @@ def test_smoke_run_writes_every_mode(smoke):
         assert row["tokens_per_s"] == pytest.approx(2 * 16 / (row["step_ms_median"] / 1000))
         assert row["peak_memory_bytes"] >= 0 and row["memory_kind"]
         assert row["saved_activation_bytes"] > 0
+        # a step holds the activations saved for backward besides, in full, every fp32 weight and its two
+        # AdamW moments (12 bytes a parameter)
+        weights = 12 * row["base_total"] if row["mode"] == "full" else 0
+        assert row["peak_tensor_bytes"] > row["saved_activation_bytes"] + weights
         assert row["checkpoint_bytes"] > 0
         assert row["reference_total"] == rows["full"]["base_total"]
         if row["mode"] != DENSE:
             assert row["base_total"] == rows["full"]["base_total"]  # every mode starts from the same model
     assert rows["full"]["step_over_full"] == 1.0 and rows["ffn-free"]["step_over_ffn_free"] == 1.0
     assert rows["ffn-activation-only"]["memory_over_activation_only"] == 1.0
+    assert rows["ffn-free"]["tensor_memory_over_ffn_free"] == 1.0
+    assert rows["etf-structured"]["tensor_memory_over_full"] == (rows["etf-structured"]["peak_tensor_bytes"]
+                                                                 / rows["full"]["peak_tensor_bytes"])
     step = rows["etf-structured"]["step_ms_median"]
     assert rows["etf-structured"]["step_over_activation_only"] == step / rows["ffn-activation-only"]["step_ms_median"]
     meta = result["meta"]
@@ -139,7 +147,8 @@ def test_smoke_markdown_has_a_row_per_mode(smoke):
     assert [row.split("|")[1].strip() for row in rows] == SMOKE_MODES
     header = next(line for line in table.splitlines() if line.startswith("| mode"))
     assert "step / act-only" in header and "mem / ffn-free" in header and "saved MiB" in header
-    assert all(len(row.split("|")) == len(header.split("|")) == 16 for row in rows)  # 14 columns
+    assert "peak tensors MiB" in header and "tensors / ffn-free" in header
+    assert all(len(row.split("|")) == len(header.split("|")) == 19 for row in rows)  # 17 columns
 
 
 def test_inference_run_reports_forward_and_generation(inference):
@@ -216,6 +225,24 @@ def test_saved_activation_bytes_counts_activations_not_weights_exactly():
     off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     saved = saved_activation_bytes(_Scaled(), {"x": torch.randn(4, 8)}, off)
     assert saved == 4 * 8 * 4 + 4 * 1000 * 4  # x and tanh's output in fp32; the weight and the buffer not
+
+
+def test_tensor_peak_counts_what_tensors_hold_at_once():
+    """Independent reference: the bytes of the tensors alive together, counted by hand."""
+    mib = 2**20
+    kept = torch.zeros(mib // 4)  # 1 MiB, allocated before the call and read inside it (counted)
+
+    def run() -> float:
+        first = torch.ones(mib)  # 4 MiB
+        second = torch.ones(2 * mib)  # 8 MiB: 13 MiB with `first` and `kept`
+        del first
+        # ones (4 MiB) + a scalar -> a new 4 MiB while the ones still live: second + both + kept = 17 MiB
+        third = torch.ones(mib) + kept.sum()
+        return (second.sum() + third.sum()).item()
+
+    peak = tensor_peak_bytes(run, torch.device("cpu"))
+    assert peak is not None
+    assert 17 * mib <= peak <= 17 * mib + 64  # plus the few bytes of 0-dim results
 
 
 def test_broadcast_hidden_and_leading_units():
@@ -371,7 +398,7 @@ def test_ratios_without_baselines_print_dashes():
             "compile": False, "steps": 1, "warmup": 0, "optimizer": "AdamW", "seed": 0, "device": "cpu",
             "torch": "t", "transformers": "x"}
     line = [l for l in markdown({"meta": meta, "results": rows}).splitlines() if l.startswith("| etf")][0]
-    assert line.count("–") == 8  # six ratios, the saved bytes and the checkpoint size
+    assert line.count("–") == 11  # eight ratios, the peak tensors, the saved bytes and the checkpoint size
 
 
 def test_isolated_child_command_round_trips():

@@ -30,7 +30,8 @@ backward, AdamW step, zero_grad) after warm-up:
 seeded initial weights, and the projections of ``frozen``, the ETF modes and the two bounds are exactly the
 slots `etf_hf.architectures.find_slots` returns for the default `ETFConfig`. Per mode it reports trainable
 parameters (`etf_hf.parameter_summary`), the median step time, tokens per second, the peak memory (CUDA:
-``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set, see `MemoryMeter`), the bytes
+``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set, see `MemoryMeter`, and the peak
+of live tensors, `tensor_peak_bytes`), the bytes
 autograd saves for backward (`saved_activation_bytes`, exact), the size of the ``save_pretrained``
 safetensors, and the ratios to ``full`` and to both bounds.
 
@@ -57,6 +58,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -456,6 +458,32 @@ def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor], aut
     return sum(saved.values())
 
 
+def tensor_peak_bytes(run: Callable[[], Any], device: torch.device) -> int | None:
+    """The most bytes that tensors held at once during one call of ``run`` on a CPU ``device`` (weights,
+    gradients and optimizer state it touches included), from the allocations torch.profiler records:
+    exact and the same in every run, where the resident set also counts what the C allocator keeps of
+    freed blocks (it moved by ±5 % between runs of the same mode). The CPU counterpart of what CUDA's
+    ``max_memory_allocated`` measures. None on CUDA (`MemoryMeter` measures tensors there already) or when
+    this torch's profiler cannot build the memory timeline (``export_memory_timeline``, deprecated)."""
+    if device.type != "cpu":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as profiler:
+        run()
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        path = os.path.join(folder, "timeline.json")
+        try:
+            profiler.export_memory_timeline(path, device="cpu")
+        except (AttributeError, NotImplementedError, RuntimeError, ValueError):
+            return None
+        with open(path) as handle:
+            _, sizes = json.load(handle)  # per time point, the live bytes of each category
+    return max((sum(point) for point in sizes), default=0)
+
+
 def _fresh_mode(settings: Settings, mode: str) -> tuple[torch.device, MemoryMeter, float, tuple]:
     """The start every measured mode shares: runtime primed, memory baseline taken, then the mode's model
     built; returns (device, meter, build start time, build_mode's (model, config, row))."""
@@ -498,6 +526,7 @@ def run_mode(settings: Settings, mode: str) -> dict[str, Any]:
     meter.reset_peak()  # steady state: compilation and one-off first-step buffers are not counted
     times = [step() for _ in range(settings.steps)]
     peak = meter.peak()
+    tensor_peak = tensor_peak_bytes(step, device)  # after the timed steps: the profiler slows this step
     median_s = statistics.median(times)
     row.update({
         "step_ms_median": 1000.0 * median_s,
@@ -508,6 +537,7 @@ def run_mode(settings: Settings, mode: str) -> dict[str, Any]:
         "tokens_per_s": settings.batch * tokens_per_example(settings.family, config, settings.seq) / median_s,
         "peak_memory_bytes": peak,
         "memory_kind": meter.kind,
+        "peak_tensor_bytes": tensor_peak,
         "saved_activation_bytes": saved,
         "setup_s": setup_s,
     })
@@ -698,6 +728,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             if "step_ms_median" in row:
                 row[f"step_over_{suffix}"] = _over(row["step_ms_median"], base.get("step_ms_median"))
                 row[f"memory_over_{suffix}"] = _over(row["peak_memory_bytes"], base.get("peak_memory_bytes"))
+                row[f"tensor_memory_over_{suffix}"] = _over(row.get("peak_tensor_bytes"),
+                                                            base.get("peak_tensor_bytes"))
                 continue
             row[f"forward_speed_over_{suffix}"] = _over(row["forward_tokens_per_s"], base.get("forward_tokens_per_s"))
             base_generations = {g["batch"]: g["tokens_per_s"] for g in base.get("generate", [])}
@@ -739,6 +771,8 @@ def markdown(result: dict[str, Any]) -> str:
             notes.append(f"no generate(): the {meta['family']} benchmark model is a classifier")
     else:
         notes += ["X / Y: X as a multiple of mode Y's (lower is cheaper); act-only is ffn-activation-only",
+                  "peak tensors MiB: the most bytes tensors held at once during one more step (weights, gradients, "
+                  "optimizer state and activations; exact, from torch.profiler's allocation records, CPU only)",
                   "saved MiB: bytes autograd keeps for backward after one eager forward, parameters and buffers "
                   "excluded (exact, not timed)",
                   "ckpt: bytes of the *.safetensors save_pretrained writes (lora: the adapter only; ETF: compact "
@@ -749,18 +783,21 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def _training_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| mode | trainable | trainable % | median step ms | tokens/s | peak memory GiB | saved MiB | "
-             "step / full | mem / full | step / ffn-free | mem / ffn-free | step / act-only | mem / act-only | "
-             "ckpt MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| mode | trainable | trainable % | median step ms | tokens/s | peak memory GiB | peak tensors MiB | "
+             "saved MiB | step / full | mem / full | step / ffn-free | mem / ffn-free | step / act-only | "
+             "mem / act-only | tensors / full | tensors / ffn-free | ckpt MB |",
+             "|---|" + "---:|" * 16]
     for row in rows:
         ckpt = f"{row['checkpoint_bytes'] / 1e6:.2f}" if "checkpoint_bytes" in row else "–"
         saved = f"{row['saved_activation_bytes'] / 2**20:.1f}" if "saved_activation_bytes" in row else "–"
+        tensors = f"{row['peak_tensor_bytes'] / 2**20:.1f}" if row.get("peak_tensor_bytes") is not None else "–"
         ratios = " | ".join(_ratio(row.get(f"{kind}_over_{suffix}")) for suffix, _ in BASELINES
                             for kind in ("step", "memory"))
+        tensor_ratios = " | ".join(_ratio(row.get(f"tensor_memory_over_{suffix}")) for suffix in ("full", "ffn_free"))
         lines.append(f"| {row['mode']} | {row['trainable']:,} | {row['trainable_pct']:.2f} | "
                      f"{row['step_ms_median']:.1f} | {row['tokens_per_s']:,.0f} | "
-                     f"{row['peak_memory_bytes'] / 2**30:.3f} | {saved} | {ratios} | {ckpt} |")
+                     f"{row['peak_memory_bytes'] / 2**30:.3f} | {tensors} | {saved} | {ratios} | {tensor_ratios} | "
+                     f"{ckpt} |")
     return lines
 
 
@@ -810,8 +847,9 @@ modes:
 
 --json FILE writes {"meta": {...settings, device, versions}, "results": [row per mode], "skipped": [...]};
 a training row has mode, trainable, trainable_pct, step_ms_median, step_ms (every step), tokens_per_s,
-peak_memory_bytes, saved_activation_bytes, checkpoint_bytes, config_overrides (dense: modes) and the ratios
-step_over_X / memory_over_X for X in full, ffn_free, activation_only (None when X was not run). An --inference
+peak_memory_bytes, peak_tensor_bytes (CPU), saved_activation_bytes, checkpoint_bytes, config_overrides (dense:
+modes) and the ratios step_over_X / memory_over_X / tensor_memory_over_X for X in full, ffn_free,
+activation_only (None when X was not run). An --inference
 row has forward_ms_median, forward_tokens_per_s, peak_memory_bytes, forward_speed_over_X and generate: a list
 of {batch, new_tokens, seconds_median, tokens_per_s, speed_over_X}.
 """
