@@ -544,6 +544,10 @@ class _Derived(NamedTuple):
     #: extra multiply-adds are nothing at one column; the dispatches they save are most of the cost there.
     #: None: no such c (`_sandwich`).
     sandwich: tuple[int, torch.Tensor, torch.Tensor] | None
+    #: (D,) each Hadamard input coordinate's input slot (0 where none) and its scale (0 where none): a
+    #: single row spread and scaled in one gather and one multiplication, with no zero-padded copy.
+    spread_from: torch.Tensor
+    spread_scales: torch.Tensor
 
 
 #: id(first key tensor) -> {tag: (weak references to the key tensors, their versions, value)}: `memoised`.
@@ -566,25 +570,34 @@ def memoised(tensors: tuple[torch.Tensor, ...], tag: Hashable, compute: Callable
     """
     if torch.compiler.is_compiling():
         return compute()
-    versions = tuple(t._version for t in tensors)
     entries = _MEMO.get(id(tensors[0]))
+    cached = None if entries is None else entries.get(tag)
+    if cached is not None and _still_valid(cached, tensors):
+        return cached[2]
     if entries is None:
         entries = _MEMO[id(tensors[0])] = {}
         weakref.finalize(tensors[0], _MEMO.pop, id(tensors[0]), None)
-    cached = entries.get(tag)
-    if cached is None or cached[1] != versions or any(ref() is not t for ref, t in zip(cached[0], tensors)):
-        # Ordinary tensors even when first asked for under inference_mode (generate() before training):
-        # an inference tensor may not be saved for backward by a later differentiable call.
-        with torch.inference_mode(False), torch.no_grad():
-            value = compute()
-        cached = entries[tag] = (tuple(map(weakref.ref, tensors)), versions, value)
-    return cached[2]
+    # Ordinary tensors even when first asked for under inference_mode (generate() before training):
+    # an inference tensor may not be saved for backward by a later differentiable call.
+    with torch.inference_mode(False), torch.no_grad():
+        value = compute()
+    entries[tag] = (tuple(map(weakref.ref, tensors)), tuple(t._version for t in tensors), value)
+    return value
+
+
+def _still_valid(cached: tuple, tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether a `memoised` entry was computed from these very tensors at their current versions (a plain
+    loop: this runs several times per batch-1 decoding step, where a generator's set-up shows)."""
+    for ref, version, tensor in zip(cached[0], cached[1], tensors):
+        if ref() is not tensor or tensor._version != version:
+            return False
+    return True
 
 
 def _derived(op: StructuredOperator, dtype: torch.dtype) -> _Derived:
     """`input_scales` and the factor matrices of ``op`` in ``dtype``, once per operator buffer and dtype
     (`memoised`; ~20 us of a GPT-2-small FFN's ~240 us at batch 1 when rebuilt per call)."""
-    return memoised((op.signs, op.index, op.hadamard), ("derived", dtype), lambda: _derive(op, dtype))
+    return memoised((op.signs, op.index, op.hadamard, op.spread), ("derived", dtype), lambda: _derive(op, dtype))
 
 
 def _derive(op: StructuredOperator, dtype: torch.dtype) -> _Derived:
@@ -597,7 +610,11 @@ def _derive(op: StructuredOperator, dtype: torch.dtype) -> _Derived:
         cols, torch.block_diag(*(_sylvester_from(hadamard, block // cols) for block in blocks)),
         _sylvester_from(hadamard, cols))
     scales = input_scales(op, dtype)
-    return _Derived(scales, scales[:, None], {size: _sylvester_from(hadamard, size) for size in sizes}, sandwich)
+    empty = op.spread == scales.shape[0]
+    spread_from = op.spread.masked_fill(empty, 0)
+    spread_scales = scales.index_select(0, spread_from).masked_fill(empty, 0)
+    return _Derived(scales, scales[:, None], {size: _sylvester_from(hadamard, size) for size in sizes}, sandwich,
+                    spread_from, spread_scales)
 
 
 def _sylvester_from(hadamard: torch.Tensor, size: int) -> torch.Tensor:
@@ -614,8 +631,8 @@ def _sylvester_from(hadamard: torch.Tensor, size: int) -> torch.Tensor:
 def _fast_blocks(rows: torch.Tensor, source: torch.Tensor | None, op: StructuredOperator,
                  derived: _Derived) -> torch.Tensor:
     """(D, N) = unnormalised BlockHadamard @ rows[source] (``source`` None: rows as they are): one row
-    gather, then each block (a row slice) transformed on its own, or a single column in two GEMMs for
-    all blocks (`_Derived.sandwich`).
+    gather, then each block (a row slice) transformed on its own (a single row where the two-GEMM
+    single-column transform applies never comes here: `structured_rows_apply`).
 
     A Python loop over the blocks of the binary decomposition of D: one block when D is a power of two
     (every FFN of width 2^k), never more than log2(D) + 1, and static (unrolled by torch.compile).
@@ -623,9 +640,6 @@ def _fast_blocks(rows: torch.Tensor, source: torch.Tensor | None, op: Structured
     blocks, factors = op.layout[3], op.layout[4]
     if source is not None:
         rows = rows.index_select(0, source)  # one gather for every block: each block is then a row slice
-    if rows.shape[1] == 1 and derived.sandwich is not None:
-        cols, left, right = derived.sandwich
-        return torch.mm(left, torch.mm(rows.reshape(-1, cols), right)).reshape(-1, 1)
     parts, offset = [], 0
     for block, block_factors in zip(blocks, factors):
         parts.append(_fast_hadamard(rows[offset:offset + block], block_factors, derived.matrices))
@@ -679,15 +693,40 @@ def structured_scale(op: StructuredOperator) -> float:
     return math.sqrt(op.layout[0] / (op.layout[0] - 1))
 
 
+def _centred(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x minus its mean along ``dim``, as one subtraction of the scaled sum (``mean`` dispatches three ops)."""
+    return x.sub(x.sum(dim, keepdim=True), alpha=1.0 / x.shape[dim])
+
+
+def _single_row(derived: _Derived, rows: torch.Tensor) -> bool:
+    """Whether `structured_rows_apply(_t)` takes the one-row path: one row (a batch-1 decoding step) and
+    the two-GEMM single-column transform available (`_sandwich`)."""
+    return rows.shape[0] == 1 and derived.sandwich is not None
+
+
+def _sandwiched(z: torch.Tensor, derived: _Derived) -> torch.Tensor:
+    """(D,) -> (D,): the unnormalised block Hadamard transform of one column, L Z H_c (`_Derived.sandwich`)."""
+    cols, left, right = derived.sandwich
+    return torch.mm(left, torch.mm(z.view(-1, cols), right)).view(-1)
+
+
 def structured_rows_apply(x: torch.Tensor, op: StructuredOperator, order: torch.Tensor | None = None,
                           hadamard_order: bool = False) -> torch.Tensor:
     """x @ M^T for a 2-D x, (n, K) -> (n, D), returned as the transposed view of a contiguous
     feature-major (D, n) matrix; x may itself be such a view (it is then read without a copy).
     ``order``: the output columns' order (`spread_rows`; default ``op.perm``, M's own rows);
-    ``hadamard_order``: leave the columns in M's Hadamard coordinates (no gather)."""
-    inputs = _helmert_apply(x) if op.layout[2] else x - x.mean(-1, keepdim=True)
-    target = None if hadamard_order else (op.perm if order is None else order)
+    ``hadamard_order``: leave the columns in M's Hadamard coordinates (no gather).
+
+    One row is spread straight into the Hadamard coordinates with its scales (`_Derived.spread_from`)
+    and transformed as one column: 6 ops where the general path dispatches 11, which is most of a
+    batch-1 decoding step's FFN cost. The same frame; rounding may differ from the general path's in the
+    last bit (the scales multiply before the gather there, after it here: the same products)."""
     derived = _derived(op, x.dtype)
+    target = None if hadamard_order else (op.perm if order is None else order)
+    inputs = _helmert_apply(x) if op.layout[2] else _centred(x, -1)
+    if _single_row(derived, x):
+        out = _sandwiched(inputs.reshape(-1).index_select(0, derived.spread_from) * derived.spread_scales, derived)
+        return (out if target is None else out.index_select(0, target)).view(1, -1)
     return spread_rows((inputs * derived.scales).t(), op, target, derived).t()
 
 
@@ -696,13 +735,19 @@ def structured_rows_apply_t(y: torch.Tensor, op: StructuredOperator, order: torc
     """y @ M for a 2-D y, (n, D) -> (n, K), feature-major like `structured_rows_apply`: a feature-major
     y costs no transpose, and the result is the transposed view of a contiguous (K, n) matrix.
     ``order``: which column of y each Hadamard coordinate reads (`collect_rows`; default ``op.inverse``,
-    M's own rows); ``hadamard_order``: y's columns are already M's Hadamard coordinates (no gather)."""
+    M's own rows); ``hadamard_order``: y's columns are already M's Hadamard coordinates (no gather).
+    One row takes the single-column transform with one-dimensional gathers (`structured_rows_apply`)."""
     source = None if hadamard_order else (op.inverse if order is None else order)
     derived = _derived(op, y.dtype)
-    rows = collect_rows(y.t().contiguous(), op, source, derived) * derived.scale_column
+    if _single_row(derived, y):
+        z = y.reshape(-1)
+        out = _sandwiched(z if source is None else z.index_select(0, source), derived)
+        rows = (out.index_select(0, op.index) * derived.scales).view(-1, 1)
+    else:
+        rows = collect_rows(y.t().contiguous(), op, source, derived) * derived.scale_column
     if op.layout[2]:
         return _helmert_apply_t(rows.t())
-    return (rows - rows.mean(0, keepdim=True)).t()
+    return _centred(rows, 0).t()
 
 
 def structured_apply(x: torch.Tensor, op: StructuredOperator) -> torch.Tensor:

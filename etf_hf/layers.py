@@ -349,7 +349,12 @@ class ETFLinear(nn.Module):
         """The structured frame's fast operator, made of this layer's buffers (``structured`` basis only)."""
         if not self.structured:
             raise AttributeError(f"a {self.basis!r} ETFLinear has a dense frame, no structured operator")
-        return StructuredOperator(self._structured_layout[0], *(self._buffers[name] for name in _PLAN_BUFFERS))
+        return StructuredOperator(self._structured_layout[0], *self.operator_tensors())
+
+    def operator_tensors(self) -> list[torch.Tensor]:
+        """The structured operator's tensors (its fields after ``layout``), without building the operator:
+        the fused FFN passes them on every call, a batch-1 decoding step's included."""
+        return [self._buffers[name] for name in _PLAN_BUFFERS]
 
     @property
     def plan(self) -> StructuredPlan:

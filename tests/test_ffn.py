@@ -326,6 +326,31 @@ def test_compile_fullgraph_one_token_decoding() -> None:
         assert torch.allclose(out, expected, atol=1e-6) and torch.equal(mlp(x), expected)
 
 
+def test_one_token_ffn_call_dispatches_few_compute_ops() -> None:
+    """At batch 1 a decoding step's FFN cost is its op count (each op a few us of dispatch on a few KB of
+    data). The fused GPT-2 FFN at one token, no grad: up frame: centring (sum, subtract), one gather and
+    multiplication by the scales, the two-GEMM single-column transform (its output stays in Hadamard
+    coordinates); its bias gathered into them and gain/bias; the activation; down frame: one gather (the
+    composite order), the two GEMMs, one gather and multiplication by the scales, centring, gain/bias.
+    17 compute ops, views aside (29 top-level ops with them; the first fused version took 40).
+    The values are the batch path's row (test_single_column_sandwich_equals_the_dense_frame)."""
+    from torch.profiler import profile
+
+    mlp = mlps(patched("gpt2", "structured"))[0]
+    x = torch.randn(1, 1, 32)
+    views = {"aten::view", "aten::reshape", "aten::t", "aten::transpose", "aten::as_strided", "aten::dropout"}
+    with torch.no_grad():
+        mlp(x)  # the operators' derived tensors are computed once, on the first call
+        with profile() as profiler:
+            mlp(x)
+    top = [event.name for event in profiler.events() if event.cpu_parent is None]
+    compute = sorted(name for name in top if name not in views)
+    assert compute == sorted(["aten::sum", "aten::sub", "aten::index_select", "aten::mul", "aten::mm", "aten::mm",
+                              "aten::addcmul", "aten::gelu",
+                              "aten::index_select", "aten::mm", "aten::mm", "aten::index_select", "aten::mul",
+                              "aten::sum", "aten::sub", "aten::addcmul", "aten::index_select"]), top
+
+
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_no_grad_forward_skips_autograd_and_equals_the_training_forward(name: str, monkeypatch) -> None:
     """Inference (no_grad / inference_mode, e.g. generate()) runs the same forward without the autograd
