@@ -717,10 +717,11 @@ def structured_rows_apply(x: torch.Tensor, op: StructuredOperator, order: torch.
     ``order``: the output columns' order (`spread_rows`; default ``op.perm``, M's own rows);
     ``hadamard_order``: leave the columns in M's Hadamard coordinates (no gather).
 
-    One row is spread straight into the Hadamard coordinates with its scales (`_Derived.spread_from`)
-    and transformed as one column: 6 ops where the general path dispatches 11, which is most of a
-    batch-1 decoding step's FFN cost. The same frame; rounding may differ from the general path's in the
-    last bit (the scales multiply before the gather there, after it here: the same products)."""
+    One row (a batch-1 decoding step, whose cost is its op count) is spread straight into the Hadamard
+    coordinates with its scales (`_Derived.spread_from`): one 1-D gather and one multiplication where the
+    general path multiplies, transposes, pads and gathers rows of a (m, 1) matrix (torch's per-row loop,
+    ~3x slower), then the two-GEMM single-column transform: 6 compute ops in all. The same frame, to float
+    rounding: the two GEMMs sum in another order than the general path's Kronecker factors."""
     derived = _derived(op, x.dtype)
     target = None if hadamard_order else (op.perm if order is None else order)
     inputs = _helmert_apply(x) if op.layout[2] else _centred(x, -1)
