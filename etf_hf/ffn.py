@@ -332,13 +332,29 @@ class _FusedFeedForward(torch.autograd.Function):
         return (grad_x, None, *grads)
 
 
-def _frame_operands(layer: ETFLinear) -> tuple[tuple, list]:
-    """(static description, operands) of one ETF layer inside the fused function."""
+def _frame_static(layer: ETFLinear) -> tuple[str, bool, tuple | None, int]:
+    """The static description of one ETF layer inside the fused function (part of `FusedSpec`)."""
     if layer.structured:
         layout, transposed = layer._structured_layout
-        tensors = layer.operator_tensors()
-        return ("structured", transposed, layout, len(tensors)), [layer.frame_norm, layer.bias, *tensors]
-    return ("dense", False, None, 1), [layer.frame_norm, layer.bias, layer.frame]
+        return "structured", transposed, layout, len(_PLAN_FIELDS)
+    return "dense", False, None, 1
+
+
+#: The fields of a structured operator after its layout, in the order `_frame_values` passes them.
+_PLAN_FIELDS = StructuredOperator._fields[1:]
+
+
+def _frame_values(layer: ETFLinear) -> list[torch.Tensor | None]:
+    """The tensors of one ETF layer inside the fused function: gain, bias, then its frame tensors."""
+    if layer.structured:
+        return [layer.frame_norm, layer.bias, *layer.operator_tensors()]
+    return [layer.frame_norm, layer.bias, layer.frame]
+
+
+def _same_key(cached: tuple, key: tuple) -> bool:
+    """Whether a kept spec's key is ``key``: the same module objects (modules compare by identity) and
+    the same activation kind and recompute flag."""
+    return len(cached) == len(key) and all(a is b or a == b for a, b in zip(cached, key))
 
 
 def _observed(module: nn.Module) -> bool:
@@ -353,41 +369,55 @@ class FusedFeedForwardMixin:
     projection of its `MLPForm` is an `ETFLinear` and nothing would observe the difference."""
 
     etf_form: MLPForm
+    etf_projection_names: tuple[str, ...]  # (gate?, up, down) child names, from the form
     etf_vanilla_mlp: type
     etf_recompute: bool
 
     def etf_fused_projections(self) -> list[ETFLinear] | None:
         """(gate?, up, down) when the fused path applies now, else None (the MLP's own forward runs)."""
-        form = self.etf_form
-        names = [name for name in (form.gate, form.up, form.down) if name is not None]
-        layers = [getattr(self, name) for name in names]
-        if not all(isinstance(layer, ETFLinear) for layer in layers):
-            return None
-        activation = getattr(self, form.activation)
-        if activation_kind(activation) is None or _observed(activation) or any(map(_observed, layers)):
+        call = self._etf_fused_call()
+        return None if call is None else list(call[0])
+
+    def _etf_fused_call(self) -> tuple[tuple[ETFLinear, ...], FusedSpec] | None:
+        """The projections and the fused call's static spec when the fused path applies now, else None.
+
+        The spec depends only on which modules are this MLP's children, their frames' layouts, the
+        activation and ``etf_recompute``; it is kept with the children it was made from and rebuilt when
+        any of them changes (a projection replaced, `materialize`, another activation). At batch 1 a
+        decoding step's FFN costs tens of us and rebuilding it per call measured ~3 % of a token's time
+        in generate(). Hooks and replaced forwards are checked on every call: they may come at any time.
+        """
+        modules = self._modules
+        layers = tuple(modules.get(name) for name in self.etf_projection_names)
+        activation = modules.get(self.etf_form.activation)
+        kind = activation_kind(activation) if activation is not None else None
+        key = (*layers, activation, kind, bool(self.etf_recompute))
+        cached = self.__dict__.get("_etf_fused_spec")
+        if cached is None or not _same_key(cached[0], key):
+            fusable = kind is not None and all(isinstance(layer, ETFLinear) for layer in layers)
+            spec = FusedSpec(kind, self.etf_form.gate is not None, bool(self.etf_recompute),
+                             tuple(map(_frame_static, layers))) if fusable else None
+            cached = self.__dict__["_etf_fused_spec"] = (key, spec)
+        spec = cached[1]
+        if spec is None or _observed(activation) or any(map(_observed, layers)):
             return None
         if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
             return None
-        return layers
+        return layers, spec
 
     def forward(self, hidden_states, *args, **kwargs):
-        layers = None if args or kwargs else self.etf_fused_projections()
-        if layers is None:
+        call = None if args or kwargs else self._etf_fused_call()
+        if call is None:
             return super().forward(hidden_states, *args, **kwargs)
-        statics, operands = [], []
-        for layer in layers:
-            static, values = _frame_operands(layer)
-            statics.append(static)
-            operands += values
-        form = self.etf_form
-        spec = FusedSpec(activation_kind(getattr(self, form.activation)), form.gate is not None,
-                         bool(self.etf_recompute), tuple(statics))
+        layers, spec = call
+        operands = [value for layer in layers for value in _frame_values(layer)]
         if torch.is_grad_enabled():
             out = _FusedFeedForward.apply(hidden_states, spec, *operands)
         else:
             out = fused_forward(hidden_states, spec, tuple(operands))[0]
-        if form.dropout is not None:
-            out = getattr(self, form.dropout)(out)
+        dropout = self.etf_form.dropout
+        if dropout is not None:
+            out = self._modules[dropout](out)
         return out
 
 
@@ -399,6 +429,7 @@ def _fused_class(vanilla: type, form: MLPForm) -> type:
         name = f"ETFFused{vanilla.__name__}"
         cls = type(name, (FusedFeedForwardMixin, vanilla), {
             "etf_form": form, "etf_vanilla_mlp": vanilla, "__module__": __name__,
+            "etf_projection_names": tuple(name for name in (form.gate, form.up, form.down) if name is not None),
             "__doc__": f"{vanilla.__name__} computed by the fused fixed-frame FFN when its projections are ETF layers (etf_hf).",
         })
         setattr(sys.modules[__name__], name, cls)

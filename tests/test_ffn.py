@@ -326,6 +326,36 @@ def test_compile_fullgraph_one_token_decoding() -> None:
         assert torch.allclose(out, expected, atol=1e-6) and torch.equal(mlp(x), expected)
 
 
+def test_kept_spec_follows_the_children_and_their_tensors() -> None:
+    """The fused call's static spec is kept between calls (`_etf_fused_call`); whatever it describes
+    changing makes it anew: the recompute flag, a projection replaced (by another basis's ETF layer, or by
+    a dense layer: the per-projection path then), and the tensors are read afresh each call (a dtype
+    change is computed in the new dtype, equal to the per-projection path)."""
+    model = patched("gpt2")
+    mlp = mlps(model)[0]
+    x = torch.randn(2, 5, 32)
+    spec = mlp._etf_fused_call()[1]
+    assert spec.recompute and mlp._etf_fused_call()[1] is spec  # kept
+    fuse_feed_forwards(model, recompute=False)
+    assert mlp._etf_fused_call()[1].recompute is False
+    other = patched("gpt2", basis="orthogonal")
+    mlp.c_fc = mlps(other)[0].c_fc
+    assert [frame[0] for frame in mlp._etf_fused_call()[1].frames] == ["dense", "structured"]
+    reference = per_projection(model)
+    with torch.no_grad():
+        assert torch.allclose(mlp(x), reference.transformer.h[0].mlp(x), atol=1e-6)
+    model.double()
+    reference.double()
+    with torch.no_grad():
+        out = mlp(x.double())
+        assert out.dtype == torch.float64
+        assert torch.allclose(out, reference.transformer.h[0].mlp(x.double()), atol=1e-12)
+    mlp.c_proj = nn.Linear(128, 32).double()
+    assert mlp._etf_fused_call() is None and mlp.etf_fused_projections() is None
+    with torch.no_grad():
+        assert torch.equal(mlp(x.double()), mlp.c_proj(mlp.act(mlp.c_fc(x.double()))))
+
+
 def test_one_token_ffn_call_dispatches_few_compute_ops() -> None:
     """At batch 1 a decoding step's FFN cost is its op count (each op a few us of dispatch on a few KB of
     data). The fused GPT-2 FFN at one token, no grad: up frame: centring (sum, subtract), one gather and
