@@ -566,7 +566,8 @@ def memoised(tensors: tuple[torch.Tensor, ...], tag: Hashable, compute: Callable
     would go unseen: key only tensors nothing rewrites that way (fixed buffers, which etf_hf rewrites
     only through `reset_frame`), never trainable parameters (gradcheck and old-style optimizers write
     them through ``.data``). Under torch.compile ``compute()`` runs in the graph instead (no cache to
-    guard; constants fold).
+    guard; constants fold). The value must not hold ``tensors`` themselves (copy them): it would keep
+    its own first key alive, and the entry would outlive the buffers' owner.
     """
     if torch.compiler.is_compiling():
         return compute()

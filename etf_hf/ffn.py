@@ -197,7 +197,8 @@ def _composite_orders(ups: list[_Frame], down: _Frame, adjoints: bool) -> _Hidde
         orders.append((op.perm.index_select(0, lead.inverse), lead.perm.index_select(0, op.inverse) if adjoints else None))
     op = down.operator
     orders.append((lead.perm.index_select(0, op.inverse), op.perm.index_select(0, lead.inverse) if adjoints else None))
-    return _HiddenOrders(orders, lead.inverse, lead.perm)
+    # Copies: a memoised value must not hold its own key tensors (the entry would keep them alive forever).
+    return _HiddenOrders(orders, lead.inverse.clone(), lead.perm.clone())
 
 
 def _to_lead(bias: torch.Tensor | None, orders: _HiddenOrders) -> torch.Tensor | None:

@@ -326,6 +326,27 @@ def test_compile_fullgraph_one_token_decoding() -> None:
         assert torch.allclose(out, expected, atol=1e-6) and torch.equal(mlp(x), expected)
 
 
+def test_cached_orders_and_scales_go_with_the_model() -> None:
+    """What the fused FFN caches per buffer (`etf.memoised`: composite hidden orders, scales, factor
+    matrices) is dropped with the model: no cached value holds its own key buffers (the hidden orders
+    once held two, and every model's entries outlived it)."""
+    import gc
+
+    from etf_hf import etf
+
+    gc.collect()
+    before = set(etf._MEMO)
+    model = patched("gpt2")
+    inputs = model_inputs("gpt2")
+    model(**inputs).logits.sum().backward()
+    with torch.no_grad():
+        model(**inputs)
+    assert set(etf._MEMO) - before  # something was cached
+    del model
+    gc.collect()
+    assert set(etf._MEMO) <= before
+
+
 def test_kept_spec_follows_the_children_and_their_tensors() -> None:
     """The fused call's static spec is kept between calls (`_etf_fused_call`); whatever it describes
     changing makes it anew: the recompute flag, a projection replaced (by another basis's ETF layer, or by
