@@ -524,14 +524,14 @@ _SANDWICH_MAX_ROWS = 256
 
 
 def _sandwich(blocks: tuple[int, ...]) -> int | None:
-    """c of the single-column transform (`_Derived.sandwich`), or None where it does not apply: the largest
+    """c of the single-column transform (`Derived.sandwich`), or None where it does not apply: the largest
     power of two <= sqrt(largest block) that divides every block, if the left matrix (D/c wide) stays
     small (<= 256); odd D (a block of 1) keeps the Kronecker factors."""
     cols = min(1 << (max(blocks).bit_length() - 1) // 2, min(blocks))
     return cols if cols > 1 and sum(blocks) // cols <= _SANDWICH_MAX_ROWS else None
 
 
-class _Derived(NamedTuple):
+class Derived(NamedTuple):
     """What every application of an operator in one dtype needs besides its index tensors."""
 
     scales: torch.Tensor  # (m,): `input_scales`
@@ -595,13 +595,13 @@ def _still_valid(cached: tuple, tensors: tuple[torch.Tensor, ...]) -> bool:
     return True
 
 
-def _derived(op: StructuredOperator, dtype: torch.dtype) -> _Derived:
+def derived_of(op: StructuredOperator, dtype: torch.dtype) -> Derived:
     """`input_scales` and the factor matrices of ``op`` in ``dtype``, once per operator buffer and dtype
     (`memoised`; ~20 us of a GPT-2-small FFN's ~240 us at batch 1 when rebuilt per call)."""
     return memoised((op.signs, op.index, op.hadamard, op.spread), ("derived", dtype), lambda: _derive(op, dtype))
 
 
-def _derive(op: StructuredOperator, dtype: torch.dtype) -> _Derived:
+def _derive(op: StructuredOperator, dtype: torch.dtype) -> Derived:
     """The factor matrices: the layout's and the single-column sandwich's, all from ``op.hadamard``."""
     hadamard = op.hadamard.to(dtype)
     sizes = sorted({f for block_factors in op.layout[4] for f in block_factors})
@@ -614,7 +614,7 @@ def _derive(op: StructuredOperator, dtype: torch.dtype) -> _Derived:
     empty = op.spread == scales.shape[0]
     spread_from = op.spread.masked_fill(empty, 0)
     spread_scales = scales.index_select(0, spread_from).masked_fill(empty, 0)
-    return _Derived(scales, scales[:, None], {size: _sylvester_from(hadamard, size) for size in sizes}, sandwich,
+    return Derived(scales, scales[:, None], {size: _sylvester_from(hadamard, size) for size in sizes}, sandwich,
                     spread_from, spread_scales)
 
 
@@ -630,7 +630,7 @@ def _sylvester_from(hadamard: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _fast_blocks(rows: torch.Tensor, source: torch.Tensor | None, op: StructuredOperator,
-                 derived: _Derived) -> torch.Tensor:
+                 derived: Derived) -> torch.Tensor:
     """(D, N) = unnormalised BlockHadamard @ rows[source] (``source`` None: rows as they are): one row
     gather, then each block (a row slice) transformed on its own (a single row where the two-GEMM
     single-column transform applies never comes here: `structured_rows_apply`).
@@ -654,7 +654,7 @@ def input_scales(op: StructuredOperator, dtype: torch.dtype) -> torch.Tensor:
     The normalisations of the orthonormal block Hadamard transform, folded into the one multiplication
     on the narrow (m-wide) side that the signs need anyway: the fast transform then multiplies by +-1
     matrices only, with no scaling op per Kronecker factor (at batch 1 those ops cost more than the GEMMs).
-    Computed once per operator and dtype by `_derived`.
+    Computed once per operator and dtype by `derived_of`.
     """
     blocks = op.layout[3]
     scale = structured_scale(op)
@@ -668,7 +668,7 @@ def input_scales(op: StructuredOperator, dtype: torch.dtype) -> torch.Tensor:
     return scaled
 
 
-def spread_rows(rows: torch.Tensor, op: StructuredOperator, order: torch.Tensor | None, derived: _Derived) -> torch.Tensor:
+def spread_rows(rows: torch.Tensor, op: StructuredOperator, order: torch.Tensor | None, derived: Derived) -> torch.Tensor:
     """(m, N) -> (D, N): Perm_out . BlockHadamard . Embed, feature-major (signs and scales, `input_scales`,
     not applied). Output row i is Hadamard coordinate ``order[i]``: ``op.perm`` gives the frame's own
     rows; another order lets a caller keep a hidden activation in one frame's Hadamard coordinates
@@ -683,7 +683,7 @@ def spread_rows(rows: torch.Tensor, op: StructuredOperator, order: torch.Tensor 
     return out if order is None else out.index_select(0, order)
 
 
-def collect_rows(rows: torch.Tensor, op: StructuredOperator, order: torch.Tensor | None, derived: _Derived) -> torch.Tensor:
+def collect_rows(rows: torch.Tensor, op: StructuredOperator, order: torch.Tensor | None, derived: Derived) -> torch.Tensor:
     """(D, N) -> (m, N): the transpose of `spread_rows`, feature-major. Hadamard coordinate j reads row
     ``order[j]`` (``op.inverse`` for the frame's own rows; None: the rows are Hadamard coordinates)."""
     return _fast_blocks(rows, order, op, derived).index_select(0, op.index)
@@ -694,19 +694,19 @@ def structured_scale(op: StructuredOperator) -> float:
     return math.sqrt(op.layout[0] / (op.layout[0] - 1))
 
 
-def _centred(x: torch.Tensor, dim: int) -> torch.Tensor:
+def centred(x: torch.Tensor, dim: int) -> torch.Tensor:
     """x minus its mean along ``dim``, as one subtraction of the scaled sum (``mean`` dispatches three ops)."""
     return x.sub(x.sum(dim, keepdim=True), alpha=1.0 / x.shape[dim])
 
 
-def _single_row(derived: _Derived, rows: torch.Tensor) -> bool:
+def _single_row(derived: Derived, rows: torch.Tensor) -> bool:
     """Whether `structured_rows_apply(_t)` takes the one-row path: one row (a batch-1 decoding step) and
     the two-GEMM single-column transform available (`_sandwich`)."""
     return rows.shape[0] == 1 and derived.sandwich is not None
 
 
-def _sandwiched(z: torch.Tensor, derived: _Derived) -> torch.Tensor:
-    """(D,) -> (D,): the unnormalised block Hadamard transform of one column, L Z H_c (`_Derived.sandwich`)."""
+def _sandwiched(z: torch.Tensor, derived: Derived) -> torch.Tensor:
+    """(D,) -> (D,): the unnormalised block Hadamard transform of one column, L Z H_c (`Derived.sandwich`)."""
     cols, left, right = derived.sandwich
     return torch.mm(left, torch.mm(z.view(-1, cols), right)).view(-1)
 
@@ -719,17 +719,30 @@ def structured_rows_apply(x: torch.Tensor, op: StructuredOperator, order: torch.
     ``hadamard_order``: leave the columns in M's Hadamard coordinates (no gather).
 
     One row (a batch-1 decoding step, whose cost is its op count) is spread straight into the Hadamard
-    coordinates with its scales (`_Derived.spread_from`): one 1-D gather and one multiplication where the
+    coordinates with its scales (`Derived.spread_from`): one 1-D gather and one multiplication where the
     general path multiplies, transposes, pads and gathers rows of a (m, 1) matrix (torch's per-row loop,
     ~3x slower), then the two-GEMM single-column transform: 6 compute ops in all. The same frame, to float
     rounding: the two GEMMs sum in another order than the general path's Kronecker factors."""
-    derived = _derived(op, x.dtype)
+    derived = derived_of(op, x.dtype)
     target = None if hadamard_order else (op.perm if order is None else order)
-    inputs = _helmert_apply(x) if op.layout[2] else _centred(x, -1)
+    inputs = _helmert_apply(x) if op.layout[2] else centred(x, -1)
     if _single_row(derived, x):
-        out = _sandwiched(inputs.reshape(-1).index_select(0, derived.spread_from) * derived.spread_scales, derived)
+        out = spread_row(inputs.reshape(-1), derived)
         return (out if target is None else out.index_select(0, target)).view(1, -1)
     return spread_rows((inputs * derived.scales).t(), op, target, derived).t()
+
+
+def spread_row(inputs: torch.Tensor, derived: Derived) -> torch.Tensor:
+    """(m,) centred (or Helmert) inputs -> (D,) in the Hadamard coordinates: one gather with the scales,
+    then the two-GEMM single-column transform (``derived.sandwich`` must exist)."""
+    return _sandwiched(inputs.index_select(0, derived.spread_from) * derived.spread_scales, derived)
+
+
+def collect_row(y: torch.Tensor, source: torch.Tensor | None, index: torch.Tensor, derived: Derived) -> torch.Tensor:
+    """(D,) -> (m,), the transpose of `spread_row` before centring: y read through ``source`` (None: y is
+    in the Hadamard coordinates), transformed, the inputs' coordinates (``index``, the operator's) scaled."""
+    out = _sandwiched(y if source is None else y.index_select(0, source), derived)
+    return out.index_select(0, index) * derived.scales
 
 
 def structured_rows_apply_t(y: torch.Tensor, op: StructuredOperator, order: torch.Tensor | None = None,
@@ -740,16 +753,14 @@ def structured_rows_apply_t(y: torch.Tensor, op: StructuredOperator, order: torc
     M's own rows); ``hadamard_order``: y's columns are already M's Hadamard coordinates (no gather).
     One row takes the single-column transform with one-dimensional gathers (`structured_rows_apply`)."""
     source = None if hadamard_order else (op.inverse if order is None else order)
-    derived = _derived(op, y.dtype)
+    derived = derived_of(op, y.dtype)
     if _single_row(derived, y):
-        z = y.reshape(-1)
-        out = _sandwiched(z if source is None else z.index_select(0, source), derived)
-        rows = (out.index_select(0, op.index) * derived.scales).view(-1, 1)
+        rows = collect_row(y.reshape(-1), source, op.index, derived).view(-1, 1)
     else:
         rows = collect_rows(y.t().contiguous(), op, source, derived) * derived.scale_column
     if op.layout[2]:
         return _helmert_apply_t(rows.t())
-    return _centred(rows, 0).t()
+    return centred(rows, 0).t()
 
 
 def structured_apply(x: torch.Tensor, op: StructuredOperator) -> torch.Tensor:

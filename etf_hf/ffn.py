@@ -17,6 +17,10 @@ better choice for dense frames, whose recomputation is a full d x 4d GEMM (defau
 A structured hidden activation stays feature-major (see `etf_hf.etf`) from the up- to the
 down-projection, so no 4d-wide tensor is transposed or column-gathered.
 
+Without gradients, a single row (a batch-1 decoding step) of all-structured frames takes `_row_forward`:
+the same ops for that row, bit for bit, but with its constants (`_RowPlan`) looked up once per call
+instead of rebuilt through the general path's per-frame set-up, which at one token cost more than the ops.
+
 The fused module is the model's own MLP module with its class swapped to a subclass (like the model's
 ``ETF*`` class): same children, same state-dict keys, so every checkpoint loads either way. It falls
 back to the MLP's own forward whenever fusing would change behaviour: a projection that is not an
@@ -34,7 +38,8 @@ import torch
 from torch import nn
 
 from .architectures import MLPForm, mlp_form
-from .etf import StructuredOperator, memoised, structured_rows_apply, structured_rows_apply_t
+from .etf import (Derived, StructuredOperator, centred, collect_row, derived_of, memoised, spread_row,
+                  structured_rows_apply, structured_rows_apply_t)
 from .layers import ETFLinear, accumulation_dtype, affine, column_sums, in_dtype, inner_product
 
 _SQRT_2_OVER_PI = 0.7978845608028654  # math.sqrt(2.0 / math.pi)
@@ -255,6 +260,66 @@ def fused_forward(x: torch.Tensor, spec: FusedSpec, operands: tuple) -> tuple[to
     return out.reshape(*x.shape[:-1], out.shape[-1]), dtype, frames, pres
 
 
+class _RowPlan(NamedTuple):
+    """What the one-row forward (`_row_forward`) needs besides gains and biases, for one set of frames and
+    dtype: per up frame (gate?, up) its derived tensors and its hidden side's order in the lead's Hadamard
+    coordinates (None for the lead itself); the hidden-side bias order; the down frame's derived tensors,
+    the order it reads the hidden side in, and (a copy of) its input index."""
+
+    ups: tuple[tuple[Derived, torch.Tensor | None], ...]
+    to_lead: torch.Tensor
+    down: Derived
+    down_source: torch.Tensor
+    down_index: torch.Tensor
+
+
+def _row_plan(layers: tuple[ETFLinear, ...], dtype: torch.dtype) -> _RowPlan | None:
+    """The `_RowPlan` of these layers in ``dtype``, once per set of frame buffers (`memoised`), or None
+    where the one-row forward does not apply: a dense frame, or a frame without the two-GEMM single-column
+    transform (see `etf_hf.etf._sandwich`)."""
+    if not all(layer.structured for layer in layers):
+        return None
+    transposes = tuple(layer._structured_layout[1] for layer in layers)
+    if any(transposes[:-1]) or not transposes[-1]:  # not up-frames then a down-frame: no composite orders
+        return None
+    tensors = tuple(t for layer in layers for t in layer.operator_tensors())
+    return memoised(tensors, ("row plan", dtype),
+                    lambda: _make_row_plan([layer.operator for layer in layers], transposes, dtype))
+
+
+def _make_row_plan(operators: list[StructuredOperator], transposes: tuple[bool, ...], dtype: torch.dtype
+                   ) -> _RowPlan | None:
+    frames = [_Frame("structured", transposed, op.layout, None, None, tuple(op[1:]))
+              for op, transposed in zip(operators, transposes)]
+    derived = [derived_of(op, dtype) for op in operators]
+    orders = _composite_orders(frames[:-1], frames[-1], adjoints=False)
+    if any(d.sandwich is None for d in derived) or any(op.layout[2] for op in operators):
+        return None
+    ups = tuple((d, None if isinstance(order, str) else order) for d, (order, _) in zip(derived[:-1], orders.frames))
+    return _RowPlan(ups, orders.to_lead, derived[-1], orders.frames[-1][0], operators[-1].index.clone())
+
+
+def _row_forward(x: torch.Tensor, spec: FusedSpec, layers: tuple[ETFLinear, ...], plan: _RowPlan) -> torch.Tensor:
+    """The fused FFN of one row (a batch-1 decoding step) without gradients: the same ops as
+    `fused_forward` takes for one row, with none of its per-call set-up. At one token that set-up, not the
+    17 ops, was most of the FFN's time inside generate() (its Python runs cold between blocks)."""
+    row = x.reshape(-1)
+    dtype = row.dtype
+    inputs = centred(row, 0)
+    hidden = []
+    for layer, (derived, order) in zip(layers, plan.ups):
+        pre = spread_row(inputs, derived)
+        bias = layer.bias
+        hidden.append(affine(pre if order is None else pre.index_select(0, order), layer.frame_norm,
+                             None if bias is None else bias.index_select(0, plan.to_lead), dtype))
+    activated = _activation(kernel_kind(spec.activation), hidden[0])
+    if spec.gated:
+        activated = activated * hidden[1]
+    down = layers[-1]
+    out = centred(collect_row(activated, plan.down_source, plan.down_index, plan.down), 0)
+    return affine(out, down.frame_norm, down.bias, dtype).view(*x.shape[:-1], -1)
+
+
 class _FusedFeedForward(torch.autograd.Function):
     """out = down(act(up(x))) (gated: down(act(gate(x)) * up(x))), each projection gain * (x W^T) + bias
     with a fixed W. Saves x and the gains (and, without recompute, the up-projections' pre-gain outputs).
@@ -411,11 +476,18 @@ class FusedFeedForwardMixin:
         if call is None:
             return super().forward(hidden_states, *args, **kwargs)
         layers, spec = call
-        operands = [value for layer in layers for value in _frame_values(layer)]
-        if torch.is_grad_enabled():
-            out = _FusedFeedForward.apply(hidden_states, spec, *operands)
-        else:
-            out = fused_forward(hidden_states, spec, tuple(operands))[0]
+        out = None
+        if not torch.is_grad_enabled() and hidden_states.numel() == hidden_states.shape[-1] \
+                and not torch.is_autocast_enabled(hidden_states.device.type):
+            plan = _row_plan(layers, hidden_states.dtype)
+            if plan is not None:
+                out = _row_forward(hidden_states, spec, layers, plan)
+        if out is None:
+            operands = [value for layer in layers for value in _frame_values(layer)]
+            if torch.is_grad_enabled():
+                out = _FusedFeedForward.apply(hidden_states, spec, *operands)
+            else:
+                out = fused_forward(hidden_states, spec, tuple(operands))[0]
         dropout = self.etf_form.dropout
         if dropout is not None:
             out = self._modules[dropout](out)

@@ -328,7 +328,7 @@ def test_compile_fullgraph_one_token_decoding() -> None:
 
 def test_cached_orders_and_scales_go_with_the_model() -> None:
     """What the fused FFN caches per buffer (`etf.memoised`: composite hidden orders, scales, factor
-    matrices) is dropped with the model: no cached value holds its own key buffers (the hidden orders
+    matrices, the one-row plan) is dropped with the model: no cached value holds its own key buffers (the hidden orders
     once held two, and every model's entries outlived it)."""
     import gc
 
@@ -341,7 +341,9 @@ def test_cached_orders_and_scales_go_with_the_model() -> None:
     model(**inputs).logits.sum().backward()
     with torch.no_grad():
         model(**inputs)
-    assert set(etf._MEMO) - before  # something was cached
+        model(input_ids=inputs["input_ids"][:1, :1])  # one row: the row plan
+    tags = {tag[0] for key in set(etf._MEMO) - before for tag in etf._MEMO[key]}
+    assert tags == {"derived", "hidden orders", "row plan"}
     del model
     gc.collect()
     assert set(etf._MEMO) <= before
@@ -375,6 +377,32 @@ def test_kept_spec_follows_the_children_and_their_tensors() -> None:
     assert mlp._etf_fused_call() is None and mlp.etf_fused_projections() is None
     with torch.no_grad():
         assert torch.equal(mlp(x.double()), mlp.c_proj(mlp.act(mlp.c_fc(x.double()))))
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("basis", ["structured", "orthogonal"])
+def test_one_row_forward_is_the_fused_forward_of_that_row(name: str, basis: str, monkeypatch) -> None:
+    """A single row without gradients (a batch-1 decoding step) takes `_row_forward` where every frame is
+    structured, and gives bit for bit what `fused_forward` gives for that row (gated, biasless and GELU/SiLU
+    MLPs among the builders); a dense frame keeps `fused_forward`. A batch never takes the row path."""
+    model = patched(name, basis)
+    taken = []
+    row_forward = etf_hf.ffn._row_forward
+    monkeypatch.setattr(etf_hf.ffn, "_row_forward", lambda *a: taken.append(1) or row_forward(*a))
+    for mlp in mlps(model):
+        layers, spec = mlp._etf_fused_call()
+        operands = tuple(value for layer in layers for value in etf_hf.ffn._frame_values(layer))
+        width = layers[0].in_features
+        for shape in [(1, 1, width), (1, width), (3, width)]:
+            x = torch.randn(*shape)
+            taken.clear()
+            with torch.no_grad():
+                out = mlp(x)
+                expected = etf_hf.ffn.fused_forward(x, spec, operands)[0]
+            if mlp.etf_form.dropout is not None:
+                expected = getattr(mlp, mlp.etf_form.dropout)(expected)
+            assert torch.equal(out, expected), (name, shape)
+            assert bool(taken) == (basis == "structured" and x.numel() == width), (name, shape)
 
 
 def test_one_token_ffn_call_dispatches_few_compute_ops() -> None:

@@ -306,7 +306,7 @@ def test_single_column_sandwich_equals_the_dense_frame(num_vectors: int, dim: in
 
 
 def test_derived_scales_and_matrices_follow_the_operator_buffers() -> None:
-    """The per-operator cache of scales and factor matrices (`etf_hf.etf._derived`) never serves stale
+    """The per-operator cache of scales and factor matrices (`etf_hf.etf.derived_of`) never serves stale
     values: a buffer rewritten in place (signs negated: the frame negated) is seen at the next call, a
     second dtype gets its own entry, and an entry goes with its buffer."""
     import gc
