@@ -217,6 +217,7 @@ class FusedSpec(NamedTuple):
     gated: bool
     recompute: bool
     frames: tuple[tuple[str, bool, tuple | None, int], ...]  # (kind, transposed, layout, number of tensors)
+    structured: bool  # every frame structured: a single row may take `_row_forward`
 
 
 def _unflatten(spec: FusedSpec, operands: tuple) -> tuple[list[_Frame], list[int], list[int]]:
@@ -274,11 +275,9 @@ class _RowPlan(NamedTuple):
 
 
 def _row_plan(layers: tuple[ETFLinear, ...], dtype: torch.dtype) -> _RowPlan | None:
-    """The `_RowPlan` of these layers in ``dtype``, once per set of frame buffers (`memoised`), or None
-    where the one-row forward does not apply: a dense frame, or a frame without the two-GEMM single-column
-    transform (see `etf_hf.etf._sandwich`)."""
-    if not all(layer.structured for layer in layers):
-        return None
+    """The `_RowPlan` of these structured layers in ``dtype``, once per set of frame buffers (`memoised`),
+    or None where the one-row forward does not apply: frames not oriented up then down, or one without the
+    two-GEMM single-column transform (see `etf_hf.etf._sandwich`)."""
     transposes = tuple(layer._structured_layout[1] for layer in layers)
     if any(transposes[:-1]) or not transposes[-1]:  # not up-frames then a down-frame: no composite orders
         return None
@@ -402,12 +401,8 @@ def _frame_static(layer: ETFLinear) -> tuple[str, bool, tuple | None, int]:
     """The static description of one ETF layer inside the fused function (part of `FusedSpec`)."""
     if layer.structured:
         layout, transposed = layer._structured_layout
-        return "structured", transposed, layout, len(_PLAN_FIELDS)
+        return "structured", transposed, layout, len(layer.operator_tensors())
     return "dense", False, None, 1
-
-
-#: The fields of a structured operator after its layout, in the order `_frame_values` passes them.
-_PLAN_FIELDS = StructuredOperator._fields[1:]
 
 
 def _frame_values(layer: ETFLinear) -> list[torch.Tensor | None]:
@@ -461,8 +456,9 @@ class FusedFeedForwardMixin:
         cached = self.__dict__.get("_etf_fused_spec")
         if cached is None or not _same_key(cached[0], key):
             fusable = kind is not None and all(isinstance(layer, ETFLinear) for layer in layers)
-            spec = FusedSpec(kind, self.etf_form.gate is not None, bool(self.etf_recompute),
-                             tuple(map(_frame_static, layers))) if fusable else None
+            frames = tuple(map(_frame_static, layers)) if fusable else ()
+            spec = FusedSpec(kind, self.etf_form.gate is not None, bool(self.etf_recompute), frames,
+                             all(frame[0] == "structured" for frame in frames)) if fusable else None
             cached = self.__dict__["_etf_fused_spec"] = (key, spec)
         spec = cached[1]
         if spec is None or _observed(activation) or any(map(_observed, layers)):
@@ -477,7 +473,7 @@ class FusedFeedForwardMixin:
             return super().forward(hidden_states, *args, **kwargs)
         layers, spec = call
         out = None
-        if not torch.is_grad_enabled() and hidden_states.numel() == hidden_states.shape[-1] \
+        if spec.structured and not torch.is_grad_enabled() and hidden_states.numel() == hidden_states.shape[-1] \
                 and not torch.is_autocast_enabled(hidden_states.device.type):
             plan = _row_plan(layers, hidden_states.dtype)
             if plan is not None:

@@ -41,7 +41,7 @@ OPTIONAL_CODE = {
     "structured": ("_StructuredFrameLinear", "StructuredOperator", "StructuredPlan", "structured_apply",
                    "structured_apply_t", "structured_dense", "structured_operator", "structured_operator_layout",
                    "structured_operator_sizes", "structured_plan", "structured_rows_apply", "structured_rows_apply_t",
-                   "_structured"),
+                   "_structured", "_row_plan", "_row_forward"),
     "controls": ("control_frame",),
     "head": ("ETFClassifier",),
 }

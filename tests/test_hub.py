@@ -118,6 +118,27 @@ def test_remote_code_rebuilds_the_model_and_imports_nothing_from_etf_hf(case: st
     assert type(transformers.AutoConfig.from_pretrained(tmp_path)).__module__.startswith("etf_hf")  # left as it was
 
 
+@pytest.mark.parametrize("basis", ["structured", "orthogonal"])
+def test_remote_code_carries_the_one_row_path(basis: str, tmp_path: Path, monkeypatch) -> None:
+    """A batch-1 decoding step's FFN (one row, no gradients) takes the remote code's own one-row path and
+    gives the original's values bit for bit; a checkpoint without structured frames leaves that code out
+    (it is optional code) and never reaches for it. (Compared per MLP: on one token the model's logits can
+    differ in the last bit between two identical copies, from the BLAS kernel a 1-row matmul gets.)"""
+    model = patch(tiny_gpt2(), ETFConfig(basis=basis)).eval()
+    model.save_pretrained(tmp_path)
+    remote = _remote_module(tmp_path, "remote_code_one_row", monkeypatch)
+    loaded = getattr(remote, type(model).__name__).from_pretrained(tmp_path).eval()
+    taken = []
+    row_forward = remote._row_forward
+    monkeypatch.setattr(remote, "_row_forward", lambda *a: taken.append(1) or row_forward(*a))
+    x = torch.randn(1, 1, model.config.n_embd)
+    with torch.no_grad():
+        for original, rebuilt in zip(model.transformer.h, loaded.transformer.h):
+            assert torch.equal(rebuilt.mlp(x), original.mlp(x))
+    assert len(taken) == (model.config.n_layer if basis == "structured" else 0)
+    assert ("def _row_forward" in (tmp_path / REMOTE_CODE_FILE).read_text()) == (basis == "structured")
+
+
 def _top_level_names(source: str) -> set[str]:
     return {node.name for node in ast.parse(source).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
 
