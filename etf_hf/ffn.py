@@ -288,12 +288,12 @@ def _row_plan(layers: tuple[ETFLinear, ...], dtype: torch.dtype) -> _RowPlan | N
 
 def _make_row_plan(operators: list[StructuredOperator], transposes: tuple[bool, ...], dtype: torch.dtype
                    ) -> _RowPlan | None:
-    frames = [_Frame("structured", transposed, op.layout, None, None, tuple(op[1:]))
-              for op, transposed in zip(operators, transposes)]
     derived = [derived_of(op, dtype) for op in operators]
-    orders = _composite_orders(frames[:-1], frames[-1], adjoints=False)
     if any(d.sandwich is None for d in derived) or any(op.layout[2] for op in operators):
         return None
+    frames = [_Frame("structured", transposed, op.layout, None, None, tuple(op[1:]))
+              for op, transposed in zip(operators, transposes)]
+    orders = _composite_orders(frames[:-1], frames[-1], adjoints=False)
     ups = tuple((d, None if isinstance(order, str) else order) for d, (order, _) in zip(derived[:-1], orders.frames))
     return _RowPlan(ups, orders.to_lead, derived[-1], orders.frames[-1][0], operators[-1].index.clone())
 
