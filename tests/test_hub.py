@@ -143,6 +143,13 @@ def _top_level_names(source: str) -> set[str]:
     return {node.name for node in ast.parse(source).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
 
 
+def test_remote_code_of_a_default_checkpoint_stays_within_40_kb() -> None:
+    """Issue 18's size goal for the generated file (GPT-2, default frames), as a size, not a timing: code
+    that only structured checkpoints run must stay optional (a one-row decoding path once put 6 KB of it
+    into every file, 40.6 KB)."""
+    assert len(remote_code_source(patch(tiny_gpt2())).encode()) <= 40_000
+
+
 def test_remote_code_holds_only_what_loading_needs() -> None:
     """Loading rebuilds the layers from the record in config.etf (``modules``): the architecture registry,
     ETFConfig's validation, patching and Auto-class registration stay out, and so does the code of the
