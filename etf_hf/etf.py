@@ -510,8 +510,8 @@ def structured_operator(plan: StructuredPlan, max_factor: int = FAST_MAX_FACTOR)
 def _fast_hadamard(z: torch.Tensor, factors: tuple[int, ...], matrices: dict[int, torch.Tensor]) -> torch.Tensor:
     """(b, N) -> H_b @ z, *unnormalised* (+-1 entries; `input_scales` carries each block's 1/sqrt(b)): one
     GEMM per Kronecker factor (``matrices[f]`` = H_f), no transposes, no per-factor scaling op. The first
-    factor is a plain ``mm`` (the broadcast batched matmul's expand and reshapes cost more than the GEMM
-    itself on a batch-1 decoding step)."""
+    factor is a plain ``mm``: faster than the broadcast batched matmul at every width measured (H16 on a
+    2048 x 1024 activation: 0.49 against 0.57 ms; 3.7 against 5.6 us on one column)."""
     block, cols = z.shape
     before = 1
     for f in factors:
@@ -596,13 +596,14 @@ def _still_valid(cached: tuple, tensors: tuple[torch.Tensor, ...]) -> bool:
 
 
 def derived_of(op: StructuredOperator, dtype: torch.dtype) -> Derived:
-    """`input_scales` and the factor matrices of ``op`` in ``dtype``, once per operator buffer and dtype
-    (`memoised`; ~20 us of a GPT-2-small FFN's ~240 us at batch 1 when rebuilt per call)."""
+    """What applying ``op`` in ``dtype`` needs besides its index tensors (`Derived`), once per operator
+    buffer and dtype (`memoised`): rebuilt per call, it cost more than the ops it feeds at batch 1."""
     return memoised((op.signs, op.index, op.hadamard, op.spread), ("derived", dtype), lambda: _derive(op, dtype))
 
 
 def _derive(op: StructuredOperator, dtype: torch.dtype) -> Derived:
-    """The factor matrices: the layout's and the single-column sandwich's, all from ``op.hadamard``."""
+    """`Derived` of ``op`` in ``dtype``: scales, the factor matrices (the layout's and the single-column
+    sandwich's, all from ``op.hadamard``) and the one-row spread."""
     hadamard = op.hadamard.to(dtype)
     sizes = sorted({f for block_factors in op.layout[4] for f in block_factors})
     blocks = op.layout[3]
@@ -673,12 +674,9 @@ def spread_rows(rows: torch.Tensor, op: StructuredOperator, order: torch.Tensor 
     not applied). Output row i is Hadamard coordinate ``order[i]``: ``op.perm`` gives the frame's own
     rows; another order lets a caller keep a hidden activation in one frame's Hadamard coordinates
     (`etf_hf.ffn`), None leaves this frame's Hadamard coordinates (no gather)."""
-    if rows.shape[1] == 1:  # one column (batch-1 decoding): one op instead of three
-        padded = torch.nn.functional.pad(rows, (0, 0, 0, 1))
-    else:
-        padded = rows.new_empty(rows.shape[0] + 1, rows.shape[1])  # copy_ transposes ~4x faster than cat
-        padded[:-1].copy_(rows)
-        padded[-1].zero_()
+    padded = rows.new_empty(rows.shape[0] + 1, rows.shape[1])  # copy_ transposes ~4x faster than cat
+    padded[:-1].copy_(rows)
+    padded[-1].zero_()
     out = _fast_blocks(padded, op.spread, op, derived)
     return out if order is None else out.index_select(0, order)
 

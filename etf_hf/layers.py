@@ -352,8 +352,8 @@ class ETFLinear(nn.Module):
         return StructuredOperator(self._structured_layout[0], *self.operator_tensors())
 
     def operator_tensors(self) -> list[torch.Tensor]:
-        """The structured operator's tensors (its fields after ``layout``), without building the operator:
-        the fused FFN passes them on every call, a batch-1 decoding step's included."""
+        """The structured operator's tensors (its fields after ``layout``; ``structured`` basis only),
+        without building the operator: the fused FFN reads them on every call."""
         return [self._buffers[name] for name in _PLAN_BUFFERS]
 
     @property
